@@ -1,0 +1,215 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Errors of the snapshot container.
+
+use std::path::PathBuf;
+
+/// Errors returned while writing, reading or decoding a snapshot.
+///
+/// Every error that comes from the input names the byte offset (from the start of the
+/// container) at which the problem was found, so a corrupt file can be diagnosed with a hex
+/// dump.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The underlying reader or writer failed (other than by ending early).
+    #[error("I/O error at offset {offset}: {source}")]
+    Io {
+        /// Container offset at which the operation failed.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file system operation on a named path failed.
+    #[error("{op} `{path}`: {source}")]
+    Path {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The input ended before the container did.
+    #[error("snapshot truncated at offset {offset}: expected {what}")]
+    Truncated {
+        /// Offset at which more data was expected.
+        offset: u64,
+        /// What was being read.
+        what: &'static str,
+    },
+    /// The input does not start with the snapshot magic.
+    #[error("not a cpr snapshot: bad magic {found:02x?} at offset 0")]
+    BadMagic {
+        /// The bytes found instead.
+        found: [u8; 8],
+    },
+    /// The container format version is not one this library reads.
+    #[error("unsupported snapshot container format version {found} (this library reads {supported})")]
+    UnsupportedFormat {
+        /// Version found in the file.
+        found: u16,
+        /// Version this library reads.
+        supported: u16,
+    },
+    /// The state version in the file is newer than the reader's schema knows, or is zero.
+    #[error("snapshot state version {found} is not supported (reader knows versions 1..={latest})")]
+    UnsupportedStateVersion {
+        /// State version found in the file.
+        found: u16,
+        /// Latest state version the reader's schema knows.
+        latest: u16,
+    },
+    /// A writer was asked to write at a state version its schema does not have.
+    #[error("cannot write at state version {target}: schema knows versions 1..={latest}")]
+    InvalidTargetVersion {
+        /// Requested target version.
+        target: u16,
+        /// Latest version of the writer's schema.
+        latest: u16,
+    },
+    /// A field that must be zero, or a tag with a fixed set of values, holds something else.
+    #[error("invalid {what} {value:#x} at offset {offset}")]
+    InvalidField {
+        /// Offset of the field.
+        offset: u64,
+        /// Which field.
+        what: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// A name or identifier string is empty, too long, not UTF-8 or uses forbidden characters.
+    #[error("invalid {what} at offset {offset}: {reason}")]
+    InvalidString {
+        /// Offset of the string's length byte.
+        offset: u64,
+        /// Which string.
+        what: &'static str,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// A length is larger than the configured cap; nothing was allocated for it.
+    #[error("{what} of {len} bytes at offset {offset} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Offset of the length field.
+        offset: u64,
+        /// What the length is for.
+        what: &'static str,
+        /// The length requested.
+        len: u64,
+        /// The configured cap.
+        limit: u64,
+    },
+    /// More sections than the configured cap.
+    #[error("more than {limit} sections (at offset {offset})")]
+    TooManySections {
+        /// Offset of the first section beyond the cap.
+        offset: u64,
+        /// The configured cap.
+        limit: usize,
+    },
+    /// The same (name, instance) pair appears twice.
+    #[error("duplicate section `{name}` instance {instance} at offset {offset}")]
+    DuplicateSection {
+        /// Section name.
+        name: String,
+        /// Instance id.
+        instance: u32,
+        /// Offset of the second occurrence.
+        offset: u64,
+    },
+    /// The stored checksum does not match the content.
+    #[error("checksum mismatch at offset {offset}: stored {stored:#018x}, computed {computed:#018x}")]
+    ChecksumMismatch {
+        /// Offset of the stored checksum.
+        offset: u64,
+        /// Checksum stored in the file.
+        stored: u64,
+        /// Checksum computed over the content.
+        computed: u64,
+    },
+    /// Bytes follow the checksum.
+    #[error("trailing data after the snapshot end at offset {offset}")]
+    TrailingData {
+        /// Offset of the first extra byte.
+        offset: u64,
+    },
+    /// A section the reader does not know, and that the writer marked as required.
+    #[error("unknown required section `{name}` instance {instance} (version {version}) at offset {offset}")]
+    UnknownRequiredSection {
+        /// Section name.
+        name: String,
+        /// Instance id.
+        instance: u32,
+        /// Section version.
+        version: u16,
+        /// Offset of the section header.
+        offset: u64,
+    },
+    /// A section the caller asked for is not in the snapshot (or was already taken).
+    #[error("section `{name}` instance {instance} is missing from the snapshot")]
+    MissingSection {
+        /// Section name.
+        name: String,
+        /// Instance id.
+        instance: u32,
+    },
+    /// The section's recorded version is not the version the reader's schema gives its type
+    /// at the snapshot's state version: the two schemas disagree and decoding would be wrong.
+    #[error(
+        "section `{name}` instance {instance} has version {found}, but the reader's schema \
+         expects version {expected} at state version {state_version}"
+    )]
+    SectionVersionMismatch {
+        /// Section name.
+        name: String,
+        /// Instance id.
+        instance: u32,
+        /// Version recorded in the section header.
+        found: u16,
+        /// Version the reader's schema expects.
+        expected: u16,
+        /// State version of the snapshot.
+        state_version: u16,
+    },
+    /// A section payload could not be decoded.
+    #[error("cannot decode section `{name}` instance {instance} at offset {offset}: {reason}")]
+    Decode {
+        /// Section name.
+        name: String,
+        /// Instance id.
+        instance: u32,
+        /// Offset of the payload.
+        offset: u64,
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// A section payload decoded without consuming all of its bytes.
+    #[error("section `{name}` instance {instance} at offset {offset} has {unused} unused payload bytes")]
+    PayloadTrailingBytes {
+        /// Section name.
+        name: String,
+        /// Instance id.
+        instance: u32,
+        /// Offset of the payload.
+        offset: u64,
+        /// Number of bytes left over.
+        unused: usize,
+    },
+    /// A section could not be encoded.
+    #[error("cannot encode section `{name}`: {reason}")]
+    Encode {
+        /// Section name.
+        name: String,
+        /// What the encoder reported.
+        reason: String,
+    },
+    /// The schema description is inconsistent.
+    #[error("invalid schema: {0}")]
+    Schema(String),
+}
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
