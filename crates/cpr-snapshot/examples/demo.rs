@@ -62,7 +62,10 @@ fn run() -> cpr_snapshot::Result<()> {
             let dev = snap.take::<v1::DeviceState>(1)?;
             println!("  v1 reader (rollback): device 1 = {dev:?}");
             for s in snap.skipped() {
-                println!("  v1 reader skipped unknown section `{}` {}", s.name, s.instance);
+                println!(
+                    "  v1 reader skipped unknown section `{}` {}",
+                    s.name, s.instance
+                );
             }
         }
     }

@@ -46,9 +46,9 @@ where
     F: FnOnce(&mut BufWriter<File>) -> Result<()>,
 {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| path_err("no file name in", path)(std::io::ErrorKind::InvalidInput.into()))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        path_err("no file name in", path)(std::io::ErrorKind::InvalidInput.into())
+    })?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -128,7 +128,10 @@ mod tests {
         let d = tempdir("replace");
         let p = d.join("state");
         std::fs::write(&p, b"old").unwrap();
-        save_to_path(&p, |w| w.write_all(b"new content").map_err(path_err("w", &p))).unwrap();
+        save_to_path(&p, |w| {
+            w.write_all(b"new content").map_err(path_err("w", &p))
+        })
+        .unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new content");
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         assert_eq!(entries(&d), vec!["state"]);
@@ -160,7 +163,10 @@ mod tests {
         let err = save_to_path(&link, |w| w.write_all(b"x").map_err(path_err("w", &link)));
         assert!(matches!(err, Err(Error::Path { op, .. }) if op.contains("symbolic")));
         assert_eq!(std::fs::read(&target).unwrap(), b"keep");
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(entries(&d), vec!["link", "target"]);
         std::fs::remove_dir_all(&d).unwrap();
     }

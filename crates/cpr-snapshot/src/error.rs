@@ -47,7 +47,9 @@ pub enum Error {
         found: [u8; 8],
     },
     /// The container format version is not one this library reads.
-    #[error("unsupported snapshot container format version {found} (this library reads {supported})")]
+    #[error(
+        "unsupported snapshot container format version {found} (this library reads {supported})"
+    )]
     UnsupportedFormat {
         /// Version found in the file.
         found: u16,
@@ -55,7 +57,9 @@ pub enum Error {
         supported: u16,
     },
     /// The state version in the file is newer than the reader's schema knows, or is zero.
-    #[error("snapshot state version {found} is not supported (reader knows versions 1..={latest})")]
+    #[error(
+        "snapshot state version {found} is not supported (reader knows versions 1..={latest})"
+    )]
     UnsupportedStateVersion {
         /// State version found in the file.
         found: u16,
@@ -121,7 +125,9 @@ pub enum Error {
         offset: u64,
     },
     /// The stored checksum does not match the content.
-    #[error("checksum mismatch at offset {offset}: stored {stored:#018x}, computed {computed:#018x}")]
+    #[error(
+        "checksum mismatch at offset {offset}: stored {stored:#018x}, computed {computed:#018x}"
+    )]
     ChecksumMismatch {
         /// Offset of the stored checksum.
         offset: u64,
@@ -187,7 +193,9 @@ pub enum Error {
         reason: String,
     },
     /// A section payload decoded without consuming all of its bytes.
-    #[error("section `{name}` instance {instance} at offset {offset} has {unused} unused payload bytes")]
+    #[error(
+        "section `{name}` instance {instance} at offset {offset} has {unused} unused payload bytes"
+    )]
     PayloadTrailingBytes {
         /// Section name.
         name: String,

@@ -27,15 +27,18 @@ pub mod v1 {
 
     /// The first release's schema: one state version.
     pub fn schema() -> Schema {
-        Schema::builder().section::<DeviceState>().build().expect("valid schema")
+        Schema::builder()
+            .section::<DeviceState>()
+            .build()
+            .expect("valid schema")
     }
 }
 
 /// The sample device as the third release defines it: `irq` added in version 2, `fifo` in 3.
 pub mod v3 {
     use crate::prelude::*;
-    use crate::Schema;
     use crate::Blob;
+    use crate::Schema;
 
     /// A device with an id, registers, an interrupt line and a FIFO.
     #[derive(Clone, Debug, PartialEq, Eq, Versionize)]
@@ -105,11 +108,12 @@ pub mod v3 {
 /// `target`.
 pub fn sample_snapshot(target: u16) -> Vec<u8> {
     let schema = v3::schema();
-    let mut w = SnapshotWriter::new(Vec::new(), &schema, "sample", "3.0.0", target)
-        .expect("valid target");
+    let mut w =
+        SnapshotWriter::new(Vec::new(), &schema, "sample", "3.0.0", target).expect("valid target");
     w.write_section(0, &v3::sample(0)).expect("encode");
     w.write_section(1, &v3::sample(1)).expect("encode");
-    w.write_section(0, &v3::Stats { exits: 42 }).expect("encode");
+    w.write_section(0, &v3::Stats { exits: 42 })
+        .expect("encode");
     w.finish().expect("finish")
 }
 
@@ -177,4 +181,3 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     out.push(("empty".into(), empty));
     out
 }
-

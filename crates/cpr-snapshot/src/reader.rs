@@ -63,12 +63,11 @@ fn parse<R: Read>(input: R, limits: &Limits, keep_payloads: bool, end: End) -> R
         let offset = r.offset;
         let len = r.u8(what)?;
         let bytes = r.bytes(len.into(), what)?;
-        validate_app_string(&bytes)
-            .map_err(|reason| Error::InvalidString {
-                offset,
-                what,
-                reason,
-            })?;
+        validate_app_string(&bytes).map_err(|reason| Error::InvalidString {
+            offset,
+            what,
+            reason,
+        })?;
         // Validated as UTF-8 just above.
         *slot = String::from_utf8(bytes).unwrap_or_default();
     }
@@ -130,7 +129,11 @@ fn parse<R: Read>(input: R, limits: &Limits, keep_payloads: bool, end: End) -> R
         if u64::from(len) > limits.max_section || over_total {
             return Err(Error::TooLarge {
                 offset: len_offset,
-                what: if over_total { "snapshot" } else { "section payload" },
+                what: if over_total {
+                    "snapshot"
+                } else {
+                    "section payload"
+                },
                 len: len.into(),
                 limit: if over_total {
                     limits.max_total

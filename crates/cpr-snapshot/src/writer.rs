@@ -53,8 +53,10 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
                 latest: schema.latest_version(),
             });
         }
-        for (what, s) in [("application name", app_name), ("application version", app_version)]
-        {
+        for (what, s) in [
+            ("application name", app_name),
+            ("application version", app_version),
+        ] {
             validate_app_string(s.as_bytes()).map_err(|reason| Error::InvalidString {
                 offset: 0,
                 what,

@@ -61,7 +61,13 @@ fn v2_written_is_read_by_v3() {
     let s = snap.take::<v3::DeviceState>(0).unwrap();
     assert_eq!(s.irq, 9, "irq exists at version 2");
     assert_eq!(s.fifo, Blob::default(), "fifo did not exist at version 2");
-    assert_eq!(snap.sections().find(|s| s.name == "device").unwrap().version, 1 + 1);
+    assert_eq!(
+        snap.sections()
+            .find(|s| s.name == "device")
+            .unwrap()
+            .version,
+        1 + 1
+    );
 }
 
 #[test]
@@ -71,7 +77,13 @@ fn v3_written_at_target_1_is_read_by_v1() {
     let mut snap = Snapshot::read_from(bytes.as_slice(), &schema1).unwrap();
     assert_eq!(snap.header().state_version, 1);
     let s = snap.take::<v1::DeviceState>(1).unwrap();
-    assert_eq!(s, v1::DeviceState { id: 1, regs: v3::sample(1).regs });
+    assert_eq!(
+        s,
+        v1::DeviceState {
+            id: 1,
+            regs: v3::sample(1).regs
+        }
+    );
     // v1 does not know the skippable stats section: skipped and reported.
     let skipped: Vec<_> = snap.skipped().iter().map(|s| s.name.as_str()).collect();
     assert_eq!(skipped, vec!["stats"]);
@@ -83,7 +95,10 @@ fn v3_written_at_latest_is_refused_by_v1() {
     let schema1 = v1::schema();
     assert!(matches!(
         Snapshot::read_from(bytes.as_slice(), &schema1),
-        Err(Error::UnsupportedStateVersion { found: 3, latest: 1 })
+        Err(Error::UnsupportedStateVersion {
+            found: 3,
+            latest: 1
+        })
     ));
 }
 
@@ -196,7 +211,10 @@ fn every_bit_flip_is_detected() {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[byte] ^= 1 << bit;
-            assert!(read_v3(&b).is_err(), "flip of bit {bit} of byte {byte} went unnoticed");
+            assert!(
+                read_v3(&b).is_err(),
+                "flip of bit {bit} of byte {byte} went unnoticed"
+            );
         }
     }
     // A flip inside a payload is a checksum mismatch at the trailer.
@@ -217,7 +235,10 @@ fn wrong_magic_and_format_version() {
     b[8] = 2;
     assert!(matches!(
         read_v3(&b),
-        Err(Error::UnsupportedFormat { found: 2, supported: 1 })
+        Err(Error::UnsupportedFormat {
+            found: 2,
+            supported: 1
+        })
     ));
     assert_eq!(&sample_snapshot(1)[..8], &MAGIC);
 }
@@ -229,7 +250,10 @@ fn wrong_state_version_with_valid_checksum() {
     let b = with_fixed_crc(&b);
     assert!(matches!(
         read_v3(&b),
-        Err(Error::UnsupportedStateVersion { found: 9, latest: 3 })
+        Err(Error::UnsupportedStateVersion {
+            found: 9,
+            latest: 3
+        })
     ));
     let mut b = sample_snapshot(3);
     b[12] = 0;
@@ -249,7 +273,12 @@ fn section_version_disagreeing_with_schema() {
     let mut snap = read_v3(&with_fixed_crc(&b)).unwrap();
     assert!(matches!(
         snap.take::<v3::DeviceState>(0),
-        Err(Error::SectionVersionMismatch { found: 1, expected: 3, state_version: 3, .. })
+        Err(Error::SectionVersionMismatch {
+            found: 1,
+            expected: 3,
+            state_version: 3,
+            ..
+        })
     ));
 }
 
@@ -279,7 +308,11 @@ fn oversized_lengths_are_refused_before_allocation() {
     let bytes = sample_snapshot(3);
     assert!(matches!(
         Snapshot::read_from(bytes.as_slice(), &schema),
-        Err(Error::TooLarge { what: "snapshot", limit: 100, .. })
+        Err(Error::TooLarge {
+            what: "snapshot",
+            limit: 100,
+            ..
+        })
     ));
     let limits = Limits {
         max_total: 1 << 20,
@@ -303,7 +336,11 @@ fn duplicate_sections_in_the_input() {
     assert_eq!(b[inst_at], 1);
     b[inst_at] = 0;
     match read_v3(&with_fixed_crc(&b)) {
-        Err(Error::DuplicateSection { name, instance: 0, offset }) => {
+        Err(Error::DuplicateSection {
+            name,
+            instance: 0,
+            offset,
+        }) => {
             assert_eq!(name, "device");
             assert_eq!(offset, second as u64);
         }
@@ -338,7 +375,9 @@ fn bad_fields_are_reported_with_offsets() {
         let mut b = base.clone();
         b[at] = value;
         match read_v3(&b) {
-            Err(Error::InvalidField { offset, what: w, .. }) => {
+            Err(Error::InvalidField {
+                offset, what: w, ..
+            }) => {
                 assert_eq!(w, what);
                 assert_eq!(offset, at as u64);
             }
@@ -350,14 +389,21 @@ fn bad_fields_are_reported_with_offsets() {
     b[FIRST_SECTION + 2] = b'D';
     assert!(matches!(
         read_v3(&b),
-        Err(Error::InvalidString { what: "section name", .. })
+        Err(Error::InvalidString {
+            what: "section name",
+            ..
+        })
     ));
     // Application name that is not UTF-8.
     let mut b = base.clone();
     b[15] = 0xff;
     assert!(matches!(
         read_v3(&b),
-        Err(Error::InvalidString { what: "application name", offset: 14, .. })
+        Err(Error::InvalidString {
+            what: "application name",
+            offset: 14,
+            ..
+        })
     ));
 }
 
@@ -401,7 +447,11 @@ fn inspect_lists_sections_without_a_schema() {
         .collect();
     assert_eq!(
         list,
-        vec![("device", 0, 2, false), ("device", 1, 2, false), ("stats", 0, 1, true)]
+        vec![
+            ("device", 0, 2, false),
+            ("device", 1, 2, false),
+            ("stats", 0, 1, true)
+        ]
     );
     assert_eq!(i.sections[0].offset, FIRST_SECTION as u64);
     let mut b = bytes.clone();

@@ -25,7 +25,10 @@ fn seed_corpus_is_current() {
             std::fs::write(&path, &bytes).unwrap();
         }
         let stored = std::fs::read(&path).unwrap_or_else(|e| {
-            panic!("{}: {e}; run with CPR_REGEN_SEEDS=1 to create it", path.display())
+            panic!(
+                "{}: {e}; run with CPR_REGEN_SEEDS=1 to create it",
+                path.display()
+            )
         });
         assert_eq!(stored, bytes, "{name} is stale; run with CPR_REGEN_SEEDS=1");
     }
@@ -34,9 +37,14 @@ fn seed_corpus_is_current() {
 #[test]
 fn replay_seeds_and_regressions() {
     let mut n = 0;
-    for sub in ["../../fuzz/seeds/snapshot_reader", "../../fuzz/regressions/snapshot_reader"] {
+    for sub in [
+        "../../fuzz/seeds/snapshot_reader",
+        "../../fuzz/regressions/snapshot_reader",
+    ] {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(sub);
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries {
             let path = entry.unwrap().path();
             exercise_reader(&std::fs::read(&path).unwrap());

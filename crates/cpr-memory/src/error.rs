@@ -1,0 +1,154 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Errors of guest memory set-up and reattach.
+
+use std::path::PathBuf;
+
+use crate::layout::UpdateMode;
+
+/// Errors from creating, reattaching or checking guest memory. Region errors carry the
+/// region's index in the layout and its backing name (fd name or path).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A region description is unusable (zero size, misaligned, address overflow).
+    #[error("region {index} (`{name}`): {reason}")]
+    InvalidRegion {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two regions overlap in guest physical address space.
+    #[error("regions {first} and {second} overlap at guest address {addr:#x}")]
+    Overlap {
+        /// Lower region index.
+        first: usize,
+        /// Higher region index.
+        second: usize,
+        /// Start of the overlap.
+        addr: u64,
+    },
+    /// Two regions name the same backing fd or file.
+    #[error("regions {first} and {second} both use backing `{name}`")]
+    DuplicateBacking {
+        /// First region index.
+        first: usize,
+        /// Second region index.
+        second: usize,
+        /// The shared name.
+        name: String,
+    },
+    /// A system call on a region's backing failed.
+    #[error("region {index} (`{name}`): {op}: {source}")]
+    Os {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A backing file or fd to reattach is not there.
+    #[error("region {index}: backing `{name}` is missing")]
+    MissingBacking {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+    },
+    /// The backing is not of the kind the layout recorded.
+    #[error("region {index} (`{name}`): backing is {found}, layout expects {expected}")]
+    WrongKind {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Kind recorded in the layout.
+        expected: String,
+        /// Kind found.
+        found: String,
+    },
+    /// The backing is smaller than offset + size: mapping it would SIGBUS later.
+    #[error("region {index} (`{name}`): backing has {have} bytes, needs offset + size = {need}")]
+    TooSmall {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
+    /// The backing's page size differs from the layout's.
+    #[error("region {index} (`{name}`): page size {found} differs from the layout's {expected}")]
+    PageSizeMismatch {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Page size in the layout.
+        expected: u64,
+        /// Page size found.
+        found: u64,
+    },
+    /// A sealed memfd has another size than the one recorded when it was sealed.
+    #[error(
+        "region {index} (`{name}`): sealed memfd has {found} bytes, layout recorded {expected}"
+    )]
+    SealedSizeMismatch {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Size recorded.
+        expected: u64,
+        /// Size found.
+        found: u64,
+    },
+    /// A memfd is not sealed against shrinking and growing.
+    #[error("region {index} (`{name}`): memfd is not sealed against resizing (seals {seals:#x})")]
+    NotSealed {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Seals found.
+        seals: u32,
+    },
+    /// vm-memory refused the regions.
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    /// The memory layout cannot support an update mode.
+    #[error("{mode} update is not possible: region {index} (`{name}`) {reason}")]
+    ModeUnsupported {
+        /// The mode asked for.
+        mode: UpdateMode,
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The layout has no region.
+    #[error("guest memory layout has no region")]
+    Empty,
+    /// A backing path is not usable.
+    #[error("path `{path}`: {reason}")]
+    BadPath {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
