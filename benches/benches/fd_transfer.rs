@@ -1,0 +1,30 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Sending and receiving a registry of 1000 fds over a UNIX socket pair.
+
+use std::os::unix::net::UnixStream;
+
+use cpr_fd::{FdKind, FdRegistry};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+fn bench(c: &mut Criterion) {
+    let mut reg = FdRegistry::new();
+    for i in 0..1000 {
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        reg.register(&format!("fd.{i}"), FdKind::OTHER, fd, &[])
+            .unwrap();
+    }
+    c.bench_function("transfer_1000_fds", |b| {
+        b.iter_with_large_drop(|| {
+            let (a, s) = UnixStream::pair().unwrap();
+            std::thread::scope(|sc| {
+                sc.spawn(|| reg.send(&a).unwrap());
+                FdRegistry::receive(&s).unwrap()
+            })
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
