@@ -1,9 +1,10 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Reference VMM (in progress). Until the VMM exists, see `cpr-snapshot`'s `demo` example.
+//! `vmm-reference`: see `vmm-reference --help`.
+
+use clap::Parser;
 
 fn main() {
-    eprintln!("vmm-reference is not built yet; run `cargo run -p cpr-snapshot --example demo`");
-    std::process::exit(2);
+    std::process::exit(vmm_reference::main_with(vmm_reference::config::Cli::parse()));
 }

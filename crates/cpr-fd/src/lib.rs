@@ -51,3 +51,10 @@ pub use registry::{
     MAX_NAME_LEN,
 };
 pub use transfer::{MAX_FDS_PER_MESSAGE, MAX_TRANSFER_FDS};
+
+/// A close-on-exec memfd named `name` holding `data`, sealed against any change (write,
+/// resize, further seals): a place for saved state that survives exec once registered.
+pub fn sealed_memfd(name: &str, data: &[u8]) -> Result<std::fs::File> {
+    let name = std::ffi::CString::new(name).map_err(|_| Error::InvalidName(name.to_string()))?;
+    sys::sealed_memfd(&name, data).map_err(error::os("sealed memfd"))
+}

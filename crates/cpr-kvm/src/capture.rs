@@ -1,0 +1,330 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Capturing and restoring vCPU and VM state.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use crate::error::{kvm, Error, Result};
+use crate::state::{from_blob, to_blob, CpuidEntry, FpuState, VcpuState, VmState};
+use cpr_snapshot::Blob;
+
+/// `MSR_IA32_TSC`.
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// `MSR_IA32_TSC_DEADLINE`.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// What the host offers for state capture, probed once per process.
+#[derive(Clone, Debug)]
+pub struct HostCaps {
+    /// MSRs from `KVM_GET_MSR_INDEX_LIST`.
+    pub msr_index_list: Vec<u32>,
+    /// `KVM_CAP_XSAVE`.
+    pub xsave: bool,
+    /// `KVM_CAP_XCRS`.
+    pub xcrs: bool,
+    /// `KVM_CAP_DEBUGREGS`.
+    pub debugregs: bool,
+    /// `KVM_CAP_VCPU_EVENTS`.
+    pub vcpu_events: bool,
+}
+
+impl HostCaps {
+    /// Probes `kvm`.
+    pub fn probe(kvm: &Kvm) -> Result<Self> {
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(crate::error::kvm("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(HostCaps {
+            msr_index_list: list.as_slice().to_vec(),
+            xsave: kvm.check_extension(Cap::Xsave),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+            debugregs: kvm.check_extension(Cap::Debugregs),
+            vcpu_events: kvm.check_extension(Cap::VcpuEvents),
+        })
+    }
+}
+
+/// How guest time moves across the pause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClockPolicy {
+    /// kvmclock and the TSC resume from the values they had when the vCPUs stopped: the
+    /// downtime is hidden from the guest, which sees no time pass and never sees time run
+    /// backwards (as QEMU does across stop/cont and migration). The default.
+    #[default]
+    Frozen,
+    /// kvmclock is advanced by the host's real time elapsed since capture
+    /// (`KVM_CLOCK_REALTIME`) and the TSC by the same amount: the guest sees the downtime.
+    Advance,
+}
+
+/// What a capture or restore could not carry, for the operator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// MSRs the kernel refused to read or write.
+    pub refused_msrs: Vec<u32>,
+}
+
+/// Reads `indices` in one ioctl, dropping any the kernel refuses (reported in `refused`).
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32], refused: &mut Vec<u32>) -> Result<Vec<(u32, u64)>> {
+    let mut left: Vec<u32> = indices.to_vec();
+    loop {
+        let entries: Vec<kvm_msr_entry> = left
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| Error::Mismatch(format!("too many MSRs: {e:?}")))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if n >= left.len() {
+            return Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect());
+        }
+        // The kernel stops at the first MSR it refuses.
+        refused.push(left.remove(n));
+    }
+}
+
+/// Writes `msrs`, skipping (and reporting) any the kernel refuses.
+fn write_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)], refused: &mut Vec<u32>) -> Result<()> {
+    let mut left: Vec<(u32, u64)> = msrs.to_vec();
+    while !left.is_empty() {
+        let entries: Vec<kvm_msr_entry> = left
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let batch = Msrs::from_entries(&entries)
+            .map_err(|e| Error::Mismatch(format!("too many MSRs: {e:?}")))?;
+        let n = vcpu.set_msrs(&batch).map_err(kvm("KVM_SET_MSRS"))?;
+        if n >= left.len() {
+            break;
+        }
+        refused.push(left[n].0);
+        left.drain(..=n);
+    }
+    Ok(())
+}
+
+/// Captures everything KVM holds for `vcpu` (which must not be running: stop it first, and
+/// complete any pending I/O with [`crate::complete_pending_io`]).
+pub fn capture_vcpu(vcpu: &VcpuFd, id: u32, caps: &HostCaps) -> Result<(VcpuState, Report)> {
+    let mut report = Report::default();
+    let cpuid = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_CPUID2"))?
+        .as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect();
+    let xsave = if caps.xsave {
+        to_blob(&vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?)
+    } else {
+        Blob::default()
+    };
+    let xcrs = if caps.xcrs {
+        to_blob(&vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?)
+    } else {
+        Blob::default()
+    };
+    let debugregs = if caps.debugregs {
+        to_blob(&vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?)
+    } else {
+        Blob::default()
+    };
+    let events = if caps.vcpu_events {
+        to_blob(&vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?)
+    } else {
+        Blob::default()
+    };
+    let state = VcpuState {
+        id,
+        cpuid,
+        mp_state: to_blob(&vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?),
+        regs: to_blob(&vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?),
+        sregs: to_blob(&vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?),
+        fpu: FpuState::from_kvm(&vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?),
+        xsave,
+        xcrs,
+        debugregs,
+        lapic: to_blob(&vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?),
+        msrs: read_msrs(vcpu, &caps.msr_index_list, &mut report.refused_msrs)?,
+        events,
+        tsc_khz: vcpu.get_tsc_khz().ok().filter(|k| *k != 0),
+    };
+    Ok((state, report))
+}
+
+/// Restores `state` into a freshly created `vcpu` of a VM whose VM-wide state was restored
+/// with [`restore_vm`]. `elapsed_ns` is the host time since capture, used only by
+/// [`ClockPolicy::Advance`].
+///
+/// The order matters, and follows what KVM validates against what:
+/// 1. TSC frequency, then CPUID: KVM checks MSR writes and XSAVE features against the guest's
+///    CPUID, so it must be in place before either.
+/// 2. mp_state, regs, sregs: `KVM_SET_SREGS` also writes the APIC base and may reset the
+///    LAPIC, and it can queue an interrupt from its bitmap, so it comes before the LAPIC and
+///    the events.
+/// 3. FPU, then XSAVE (which supersedes the FPU image), then XCRs, then debug registers.
+/// 4. LAPIC: after sregs (APIC base) and before MSRs, because `MSR_IA32_TSC_DEADLINE` is only
+///    accepted while the LAPIC timer is in TSC-deadline mode.
+/// 5. MSRs, including `MSR_IA32_TSC`.
+/// 6. vCPU events last: pending exceptions, interrupts, NMI and SMI state, which earlier
+///    calls may have disturbed. Nothing pending is lost.
+pub fn restore_vcpu(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    policy: ClockPolicy,
+    elapsed_ns: u64,
+) -> Result<Report> {
+    let mut report = Report::default();
+    if let Some(khz) = state.tsc_khz {
+        if vcpu.get_tsc_khz().ok() != Some(khz) {
+            vcpu.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
+        }
+    }
+    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = state
+        .cpuid
+        .iter()
+        .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        })
+        .collect();
+    let cpuid = CpuId::from_entries(&entries)
+        .map_err(|e| Error::Mismatch(format!("{} CPUID entries: {e:?}", entries.len())))?;
+    vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    vcpu.set_mp_state(from_blob::<kvm_mp_state>(&state.mp_state, "mp_state")?)
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&from_blob::<kvm_regs>(&state.regs, "regs")?)
+        .map_err(kvm("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&from_blob::<kvm_sregs>(&state.sregs, "sregs")?)
+        .map_err(kvm("KVM_SET_SREGS"))?;
+    vcpu.set_fpu(&state.fpu.to_kvm()?)
+        .map_err(kvm("KVM_SET_FPU"))?;
+    if !state.xsave.is_empty() {
+        let xsave: kvm_xsave = from_blob(&state.xsave, "xsave")?;
+        // SAFETY: `xsave` is a complete 4 KiB kvm_xsave; KVM_SET_XSAVE reads only that much
+        // because we never enabled KVM_CAP_XSAVE2 on this VM.
+        unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+    }
+    if !state.xcrs.is_empty() {
+        vcpu.set_xcrs(&from_blob::<kvm_xcrs>(&state.xcrs, "xcrs")?)
+            .map_err(kvm("KVM_SET_XCRS"))?;
+    }
+    if !state.debugregs.is_empty() {
+        vcpu.set_debug_regs(&from_blob::<kvm_debugregs>(&state.debugregs, "debugregs")?)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    }
+    vcpu.set_lapic(&from_blob::<kvm_lapic_state>(&state.lapic, "lapic")?)
+        .map_err(kvm("KVM_SET_LAPIC"))?;
+    let mut msrs = state.msrs.clone();
+    if policy == ClockPolicy::Advance {
+        let khz = u128::from(state.tsc_khz.unwrap_or(0));
+        let ticks = (u128::from(elapsed_ns) * khz / 1_000_000) as u64;
+        for (index, value) in msrs.iter_mut() {
+            if *index == MSR_IA32_TSC {
+                *value = value.wrapping_add(ticks);
+            }
+        }
+    }
+    write_msrs(vcpu, &msrs, &mut report.refused_msrs)?;
+    if !state.events.is_empty() {
+        vcpu.set_vcpu_events(&from_blob::<kvm_vcpu_events>(&state.events, "vcpu events")?)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    }
+    Ok(report)
+}
+
+fn get_chip(vm: &VmFd, chip_id: u32) -> Result<Blob> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
+    Ok(to_blob(&chip))
+}
+
+fn set_chip(vm: &VmFd, blob: &Blob, chip_id: u32, what: &'static str) -> Result<()> {
+    let chip: kvm_irqchip = from_blob(blob, what)?;
+    if chip.chip_id != chip_id {
+        return Err(Error::Mismatch(format!(
+            "{what} holds chip {} instead of {chip_id}",
+            chip.chip_id
+        )));
+    }
+    vm.set_irqchip(&chip).map_err(kvm("KVM_SET_IRQCHIP"))
+}
+
+/// Captures the in-kernel irqchip (PIC master, PIC slave, IOAPIC), the PIT (if `has_pit`),
+/// and kvmclock.
+pub fn capture_vm(vm: &VmFd, has_pit: bool) -> Result<VmState> {
+    Ok(VmState {
+        pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit2: if has_pit {
+            to_blob(&vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?)
+        } else {
+            Blob::default()
+        },
+        clock: to_blob(&vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?),
+    })
+}
+
+/// Restores VM-wide state into a fresh VM that already has its in-kernel irqchip (and PIT,
+/// if one was saved). Call it before restoring the vCPUs.
+pub fn restore_vm(vm: &VmFd, state: &VmState, policy: ClockPolicy) -> Result<()> {
+    set_chip(vm, &state.pic_master, KVM_IRQCHIP_PIC_MASTER, "PIC master")?;
+    set_chip(vm, &state.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "PIC slave")?;
+    set_chip(vm, &state.ioapic, KVM_IRQCHIP_IOAPIC, "IOAPIC")?;
+    if !state.pit2.is_empty() {
+        vm.set_pit2(&from_blob::<kvm_pit_state2>(&state.pit2, "pit2")?)
+            .map_err(kvm("KVM_SET_PIT2"))?;
+    }
+    let saved: kvm_clock_data = from_blob(&state.clock, "clock")?;
+    let clock = match policy {
+        // The guest's clock continues from where it stopped.
+        ClockPolicy::Frozen => kvm_clock_data {
+            clock: saved.clock,
+            ..Default::default()
+        },
+        // KVM adds the real time elapsed since `saved.realtime` (if the host recorded it).
+        ClockPolicy::Advance if saved.flags & KVM_CLOCK_REALTIME != 0 => kvm_clock_data {
+            clock: saved.clock,
+            flags: KVM_CLOCK_REALTIME,
+            realtime: saved.realtime,
+            ..Default::default()
+        },
+        ClockPolicy::Advance => kvm_clock_data {
+            clock: saved.clock,
+            ..Default::default()
+        },
+    };
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+}

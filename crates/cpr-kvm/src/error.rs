@@ -1,0 +1,51 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Errors of KVM state capture and restore.
+
+/// Errors from capturing or restoring KVM state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved blob has the wrong size for the kernel structure it holds.
+    #[error("saved {what} is {found} bytes, the kernel structure is {expected}")]
+    BadBlob {
+        /// The structure.
+        what: &'static str,
+        /// Bytes found.
+        found: usize,
+        /// Bytes expected.
+        expected: usize,
+    },
+    /// The saved state does not fit the VM it is restored into.
+    #[error("state does not fit: {0}")]
+    Mismatch(String),
+    /// Installing the vCPU kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(String),
+    /// vCPUs did not park before the deadline.
+    #[error("{parked} of {total} vCPUs parked within {waited_ms} ms")]
+    PauseTimeout {
+        /// vCPUs parked.
+        parked: usize,
+        /// vCPUs expected.
+        total: usize,
+        /// How long it waited.
+        waited_ms: u128,
+    },
+}
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}

@@ -1,0 +1,209 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Plain-data KVM state, saved as cpr-snapshot sections.
+//!
+//! Kernel structures whose layout is the kernel's ABI (and so stable) are kept as their raw
+//! bytes in a [`Blob`], checked for size when decoded; the rest are versioned fields.
+
+use cpr_snapshot::prelude::*;
+use cpr_snapshot::Blob;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::error::{Error, Result};
+
+/// The raw bytes of a kernel structure.
+pub(crate) fn to_blob<T: IntoBytes + Immutable>(v: &T) -> Blob {
+    Blob(v.as_bytes().to_vec())
+}
+
+/// A kernel structure from saved bytes, which must have exactly its size.
+pub(crate) fn from_blob<T: FromBytes>(b: &Blob, what: &'static str) -> Result<T> {
+    T::read_from_bytes(&b.0).map_err(|_| Error::BadBlob {
+        what,
+        found: b.0.len(),
+        expected: std::mem::size_of::<T>(),
+    })
+}
+
+/// One CPUID leaf as set with `KVM_SET_CPUID2`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct CpuidEntry {
+    /// Leaf (EAX input).
+    pub function: u32,
+    /// Sub-leaf (ECX input).
+    pub index: u32,
+    /// `KVM_CPUID_FLAG_*`.
+    pub flags: u32,
+    /// EAX output.
+    pub eax: u32,
+    /// EBX output.
+    pub ebx: u32,
+    /// ECX output.
+    pub ecx: u32,
+    /// EDX output.
+    pub edx: u32,
+}
+
+/// The legacy FPU state (`kvm_fpu`), field by field (kvm-bindings gives it no byte view).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct FpuState {
+    /// ST0-ST7 / MM0-MM7, 16 bytes each.
+    pub fpr: Blob,
+    /// Control word.
+    pub fcw: u16,
+    /// Status word.
+    pub fsw: u16,
+    /// Abridged tag word.
+    pub ftwx: u8,
+    /// Last opcode.
+    pub last_opcode: u16,
+    /// Last instruction pointer.
+    pub last_ip: u64,
+    /// Last data pointer.
+    pub last_dp: u64,
+    /// XMM0-XMM15, 16 bytes each.
+    pub xmm: Blob,
+    /// MXCSR.
+    pub mxcsr: u32,
+}
+
+impl FpuState {
+    pub(crate) fn from_kvm(f: &kvm_bindings::kvm_fpu) -> Self {
+        FpuState {
+            fpr: Blob(f.fpr.concat()),
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: Blob(f.xmm.concat()),
+            mxcsr: f.mxcsr,
+        }
+    }
+
+    pub(crate) fn to_kvm(&self) -> Result<kvm_bindings::kvm_fpu> {
+        let mut f = kvm_bindings::kvm_fpu::default();
+        let fill = |dst: &mut [[u8; 16]], src: &Blob, what| {
+            if src.len() != dst.len() * 16 {
+                return Err(Error::BadBlob {
+                    what,
+                    found: src.len(),
+                    expected: dst.len() * 16,
+                });
+            }
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(16)) {
+                d.copy_from_slice(s);
+            }
+            Ok(())
+        };
+        fill(&mut f.fpr, &self.fpr, "fpu registers")?;
+        fill(&mut f.xmm, &self.xmm, "xmm registers")?;
+        f.fcw = self.fcw;
+        f.fsw = self.fsw;
+        f.ftwx = self.ftwx;
+        f.last_opcode = self.last_opcode;
+        f.last_ip = self.last_ip;
+        f.last_dp = self.last_dp;
+        f.mxcsr = self.mxcsr;
+        Ok(f)
+    }
+}
+
+/// Everything KVM holds for one vCPU, as needed to rebuild it in a fresh VM.
+/// Saved as section `kvm-vcpu`, instance = vCPU index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct VcpuState {
+    /// vCPU id (APIC id).
+    pub id: u32,
+    /// CPUID as set on the vCPU.
+    pub cpuid: Vec<CpuidEntry>,
+    /// `kvm_mp_state`.
+    pub mp_state: Blob,
+    /// `kvm_regs`.
+    pub regs: Blob,
+    /// `kvm_sregs`.
+    pub sregs: Blob,
+    /// Legacy FPU (superseded by XSAVE where present).
+    pub fpu: FpuState,
+    /// `kvm_xsave` (empty if the host lacks `KVM_CAP_XSAVE`).
+    pub xsave: Blob,
+    /// `kvm_xcrs` (empty if the host lacks `KVM_CAP_XCRS`).
+    pub xcrs: Blob,
+    /// `kvm_debugregs`.
+    pub debugregs: Blob,
+    /// `kvm_lapic_state`.
+    pub lapic: Blob,
+    /// MSRs (index, value) that the kernel let us read.
+    pub msrs: Vec<(u32, u64)>,
+    /// `kvm_vcpu_events`: pending exceptions, interrupts, NMI, SMI.
+    pub events: Blob,
+    /// TSC frequency in kHz, if the kernel reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+impl Section for VcpuState {
+    const NAME: &'static str = "kvm-vcpu";
+}
+
+/// VM-wide KVM state: in-kernel irqchip, PIT and kvmclock. Saved as section `kvm-vm`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct VmState {
+    /// `kvm_irqchip` of the master PIC.
+    pub pic_master: Blob,
+    /// `kvm_irqchip` of the slave PIC.
+    pub pic_slave: Blob,
+    /// `kvm_irqchip` of the IOAPIC.
+    pub ioapic: Blob,
+    /// `kvm_pit_state2` (empty if the VM has no in-kernel PIT).
+    pub pit2: Blob,
+    /// `kvm_clock_data`.
+    pub clock: Blob,
+}
+
+impl Section for VmState {
+    const NAME: &'static str = "kvm-vm";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_size_checked() {
+        let regs = kvm_bindings::kvm_regs {
+            rax: 7,
+            rip: 0x1000,
+            ..Default::default()
+        };
+        let b = to_blob(&regs);
+        let back: kvm_bindings::kvm_regs = from_blob(&b, "regs").unwrap();
+        assert_eq!(back.rax, 7);
+        assert_eq!(back.rip, 0x1000);
+        let short = Blob(b.0[..10].to_vec());
+        assert!(matches!(
+            from_blob::<kvm_bindings::kvm_regs>(&short, "regs"),
+            Err(Error::BadBlob { found: 10, .. })
+        ));
+    }
+
+    #[test]
+    fn fpu_round_trip_and_checks() {
+        let mut f = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        f.xmm[3][5] = 9;
+        f.fpr[7][15] = 1;
+        let s = FpuState::from_kvm(&f);
+        let back = s.to_kvm().unwrap();
+        assert_eq!(back.xmm[3][5], 9);
+        assert_eq!(back.fpr[7][15], 1);
+        assert_eq!(back.fcw, 0x37f);
+        let mut bad = s.clone();
+        bad.xmm = Blob(vec![0; 3]);
+        assert!(bad.to_kvm().is_err());
+    }
+}

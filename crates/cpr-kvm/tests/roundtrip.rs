@@ -1,0 +1,284 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Capture a running vCPU, restore it into a fresh VM in another process, and check that
+//! the guest's computation ends as an uninterrupted run does (and that the I/O exit it was
+//! stopped at is neither lost nor replayed).
+//!
+//! Skips, saying so, when /dev/kvm is absent.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cpr_kvm::{
+    capture_vcpu, capture_vm, complete_pending_io, restore_vcpu, restore_vm, ClockPolicy, HostCaps,
+    VcpuState, VmState,
+};
+use cpr_memory::{GuestRam, MemoryLayout, MemoryOptions, RegionSpec};
+use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+// A real-mode guest: acc = (3*acc + i) ^ mem[0x3000]; mem[0x3000] = acc, for i in 0..4096;
+// reports progress (i) on port 0x10 every 64 iterations and the result on port 0x11, then spins.
+std::arch::global_asm!(
+    ".pushsection .rodata.cpr_kvm_test_guest,\"a\"",
+    ".globl cpr_kvm_test_guest_start",
+    ".globl cpr_kvm_test_guest_end",
+    ".code16",
+    "cpr_kvm_test_guest_start:",
+    "xor cx, cx",
+    "mov bx, 1",
+    "2:",
+    "mov ax, bx",
+    "shl ax, 1",
+    "add ax, bx",
+    "add ax, cx",
+    "xor ax, word ptr [0x3000]",
+    "mov bx, ax",
+    "mov word ptr [0x3000], bx",
+    "inc cx",
+    "test cx, 0x3f",
+    "jnz 3f",
+    "mov ax, cx",
+    "mov dx, 0x10",
+    "out dx, ax",
+    "3:",
+    "cmp cx, 4096",
+    "jne 2b",
+    "mov ax, bx",
+    "mov dx, 0x11",
+    "out dx, ax",
+    "4:",
+    "jmp 4b",
+    "cpr_kvm_test_guest_end:",
+    ".code64",
+    ".popsection",
+);
+
+extern "C" {
+    static cpr_kvm_test_guest_start: u8;
+    static cpr_kvm_test_guest_end: u8;
+}
+
+fn guest_code() -> &'static [u8] {
+    // SAFETY: both symbols are defined by the global_asm! above in one read-only section,
+    // start before end; the bytes between them are immutable for the program's lifetime.
+    unsafe {
+        let start = std::ptr::addr_of!(cpr_kvm_test_guest_start);
+        let end = std::ptr::addr_of!(cpr_kvm_test_guest_end);
+        std::slice::from_raw_parts(start, end.offset_from(start) as usize)
+    }
+}
+
+const MEM: u64 = 1 << 20;
+
+fn kvm_or_skip() -> Option<Kvm> {
+    match Kvm::new() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("SKIPPED: /dev/kvm is not usable here ({e})");
+            None
+        }
+    }
+}
+
+fn new_vm(kvm: &Kvm, ram: &GuestRam) -> (VmFd, VcpuFd) {
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    vm.create_irq_chip().unwrap();
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .unwrap();
+    let (ptr, len) = ram.host_range(0).unwrap();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: len as u64,
+        userspace_addr: ptr as u64,
+        flags: 0,
+    };
+    // SAFETY: the region maps memory owned by `ram`, which outlives the VM in every test.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    (vm, vcpu)
+}
+
+fn boot(kvm: &Kvm, vcpu: &VcpuFd, ram: &GuestRam) {
+    ram.memory()
+        .write_slice(guest_code(), GuestAddress(0x1000))
+        .unwrap();
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    vcpu.set_cpuid2(&cpuid).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_bindings::kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).unwrap();
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    progress: Vec<u16>,
+    result: Option<u16>,
+}
+
+/// Runs until the guest reports its result (after which it spins; a HLT would block in the
+/// in-kernel irqchip), or until it reports progress `stop_at`.
+fn run(vcpu: &mut VcpuFd, out: &mut Run, stop_at: Option<u16>) {
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut(0x10, data) => {
+                let v = u16::from_le_bytes([data[0], data[1]]);
+                out.progress.push(v);
+                if Some(v) == stop_at {
+                    return;
+                }
+            }
+            VcpuExit::IoOut(0x11, data) => {
+                out.result = Some(u16::from_le_bytes([data[0], data[1]]));
+                return;
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+fn schema() -> Schema {
+    Schema::builder()
+        .section::<VcpuState>()
+        .section::<VmState>()
+        .section::<MemoryLayout>()
+        .build()
+        .unwrap()
+}
+
+fn shm(tag: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/dev/shm/cpr-kvm-test-{}-{tag}",
+        std::process::id()
+    ))
+}
+
+struct Remove(Vec<PathBuf>);
+impl Drop for Remove {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn restore_and_finish(state_path: &Path) -> Run {
+    let kvm = Kvm::new().unwrap();
+    let bytes = std::fs::read(state_path).unwrap();
+    let schema = schema();
+    let mut snap = Snapshot::read_from(bytes.as_slice(), &schema).unwrap();
+    let layout: MemoryLayout = snap.take(0).unwrap();
+    let vm_state: VmState = snap.take(0).unwrap();
+    let vcpu_state: VcpuState = snap.take(0).unwrap();
+    let ram = GuestRam::reattach(&layout, &mut HashMap::new(), &MemoryOptions::default()).unwrap();
+    let (vm, mut vcpu) = new_vm(&kvm, &ram);
+    restore_vm(&vm, &vm_state, ClockPolicy::Frozen).unwrap();
+    let report = restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap();
+    eprintln!("refused MSRs on restore: {:x?}", report.refused_msrs);
+    let mut out = Run::default();
+    run(&mut vcpu, &mut out, None);
+    out
+}
+
+#[test]
+fn restored_vcpu_finishes_like_an_uninterrupted_one() {
+    if let Ok(state) = std::env::var("CPR_KVM_TEST_STATE") {
+        let out = restore_and_finish(Path::new(&state));
+        println!("PROGRESS {:?}", out.progress);
+        println!("RESULT {}", out.result.unwrap());
+        return;
+    }
+    let Some(kvm) = kvm_or_skip() else { return };
+    let caps = HostCaps::probe(&kvm).unwrap();
+
+    // Reference: one uninterrupted run.
+    let ram = GuestRam::builder()
+        .region(RegionSpec::memfd("ref", 0, MEM))
+        .build()
+        .unwrap();
+    let (_vm, mut vcpu) = new_vm(&kvm, &ram);
+    boot(&kvm, &vcpu, &ram);
+    let mut reference = Run::default();
+    run(&mut vcpu, &mut reference, None);
+    let expected = reference.result.expect("reference run finished");
+    assert_eq!(reference.progress.len(), 64);
+
+    // Interrupted: stop at the OUT of progress 2048, capture, restore elsewhere.
+    let mem_path = shm("mem");
+    let state_path = shm("state");
+    let _cleanup = Remove(vec![mem_path.clone(), state_path.clone()]);
+    let ram = GuestRam::builder()
+        .region(RegionSpec::file(&mem_path, 0, MEM))
+        .build()
+        .unwrap();
+    let (vm, mut vcpu) = new_vm(&kvm, &ram);
+    boot(&kvm, &vcpu, &ram);
+    let mut first = Run::default();
+    run(&mut vcpu, &mut first, Some(2048));
+    complete_pending_io(&mut vcpu).unwrap();
+    let (vcpu_state, report) = capture_vcpu(&vcpu, 0, &caps).unwrap();
+    eprintln!("refused MSRs on capture: {:x?}", report.refused_msrs);
+    assert!(
+        vcpu_state.msrs.len() >= 10,
+        "{} MSRs captured",
+        vcpu_state.msrs.len()
+    );
+    let vm_state = capture_vm(&vm, true).unwrap();
+    let schema = schema();
+    let mut w = SnapshotWriter::new(Vec::new(), &schema, "cpr-kvm-test", "1", 1).unwrap();
+    w.write_section(0, ram.layout()).unwrap();
+    w.write_section(0, &vm_state).unwrap();
+    w.write_section(0, &vcpu_state).unwrap();
+    std::fs::write(&state_path, w.finish().unwrap()).unwrap();
+    drop(vcpu);
+    drop(vm);
+    drop(ram);
+
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "restored_vcpu_finishes_like_an_uninterrupted_one",
+            "--nocapture",
+        ])
+        .env("CPR_KVM_TEST_STATE", &state_path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let result: u16 = text
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|r| r.1.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(result, expected, "same result as the uninterrupted run");
+    let progress = text
+        .lines()
+        .find_map(|l| l.split_once("PROGRESS ").map(|r| r.1))
+        .unwrap();
+    let second: Vec<u16> = progress
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // No progress report lost or repeated across the hand-over.
+    let joined: Vec<u16> = first.progress.iter().chain(&second).copied().collect();
+    assert_eq!(joined, reference.progress);
+}

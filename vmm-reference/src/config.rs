@@ -1,0 +1,221 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::serial::SerialConfig;
+
+/// Reference VMM for live update (CPR) with the cpr-rs crates.
+#[derive(Debug, Parser)]
+#[command(name = "vmm-reference", version, about)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a VM.
+    Run(RunConfig),
+    /// Run the built-in demo: boot the demo guest, restart the VMM in place, reboot it through
+    /// a state file, and check the guest's continuity after each step.
+    Demo(DemoConfig),
+    /// List the sections of a state file.
+    Inspect {
+        /// The state file.
+        file: PathBuf,
+    },
+}
+
+/// Where guest RAM lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryConfig {
+    /// A sealed memfd (restart and transfer).
+    Memfd,
+    /// A file on tmpfs or hugetlbfs, created if absent (restart, transfer, reboot).
+    File(PathBuf),
+    /// An existing DAX device (every mode, kexec-safe).
+    Dax(PathBuf),
+    /// Anonymous memory (no update mode).
+    Anonymous,
+}
+
+impl std::str::FromStr for MemoryConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memfd" => Ok(MemoryConfig::Memfd),
+            "anon" | "anonymous" => Ok(MemoryConfig::Anonymous),
+            _ => match s.split_once(':') {
+                Some(("shm" | "file", p)) if p.starts_with('/') => Ok(MemoryConfig::File(p.into())),
+                Some(("dax", p)) if p.starts_with('/') => Ok(MemoryConfig::Dax(p.into())),
+                _ => Err(format!(
+                    "memory backend `{s}`: use memfd, anon, shm:/ABSOLUTE/PATH or dax:/dev/daxX.Y"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryConfig::Memfd => write!(f, "memfd"),
+            MemoryConfig::Anonymous => write!(f, "anon"),
+            MemoryConfig::File(p) => write!(f, "shm:{}", p.display()),
+            MemoryConfig::Dax(p) => write!(f, "dax:{}", p.display()),
+        }
+    }
+}
+
+/// Parses `1G`, `512M`, `64K`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size `{s}`: a number with K, M or G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// Where to load state from at start-up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// Load this file now.
+    File(PathBuf),
+    /// Start paused and wait for `cpr-load` on the monitor.
+    Defer,
+}
+
+impl std::str::FromStr for Incoming {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "defer" => Ok(Incoming::Defer),
+            "" => Err("--incoming needs a file or `defer`".into()),
+            p => Ok(Incoming::File(p.into())),
+        }
+    }
+}
+
+/// `run` options.
+#[derive(Clone, Debug, Args)]
+pub struct RunConfig {
+    /// Guest RAM backend: memfd, shm:/dev/shm/NAME, dax:/dev/daxX.Y, or anon.
+    #[arg(long, default_value = "memfd")]
+    pub memory: MemoryConfig,
+    /// Guest RAM size (up to 3G).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub memory_size: u64,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Serial backend: stdout, null, file:PATH or unix:PATH.
+    #[arg(long, default_value = "stdout")]
+    pub serial: SerialConfig,
+    /// QMP monitor socket path.
+    #[arg(long)]
+    pub monitor: Option<PathBuf>,
+    /// Restore from a state file written by `cpr-save` mode reboot, or `defer` to wait for
+    /// `cpr-load`.
+    #[arg(long)]
+    pub incoming: Option<Incoming>,
+    /// Bytes of guest RAM the demo guest rewrites and verifies each generation.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub demo_span: u64,
+    /// Boot this Linux kernel (vmlinux via PVH, or bzImage) instead of the demo guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(
+        long,
+        default_value = "console=ttyS0 noapic noacpi reboot=k panic=1 nokaslr"
+    )]
+    pub cmdline: String,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+}
+
+/// `demo` options.
+#[derive(Clone, Debug, Args)]
+pub struct DemoConfig {
+    /// Number of in-place restarts.
+    #[arg(long, default_value_t = 10)]
+    pub restarts: usize,
+    /// Bytes of guest RAM the demo guest rewrites and verifies each generation.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub span: u64,
+    /// Working directory for sockets, serial log and state (default: a new temporary one,
+    /// removed at the end).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("x1").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn memory_backends_parse() {
+        assert_eq!(
+            "memfd".parse::<MemoryConfig>().unwrap(),
+            MemoryConfig::Memfd
+        );
+        assert_eq!(
+            "shm:/dev/shm/vm".parse::<MemoryConfig>().unwrap(),
+            MemoryConfig::File("/dev/shm/vm".into())
+        );
+        assert!("shm:relative".parse::<MemoryConfig>().is_err());
+        assert!("tmpfs".parse::<MemoryConfig>().is_err());
+        let round = MemoryConfig::Dax("/dev/dax0.0".into());
+        assert_eq!(round.to_string().parse::<MemoryConfig>().unwrap(), round);
+    }
+
+    #[test]
+    fn cli_parses_a_run_line() {
+        let cli = Cli::try_parse_from([
+            "vmm-reference",
+            "run",
+            "--memory",
+            "shm:/dev/shm/x",
+            "--vcpus",
+            "1",
+            "--serial",
+            "file:/tmp/s",
+            "--incoming",
+            "defer",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!(r.incoming, Some(Incoming::Defer));
+        assert_eq!(r.vcpus, 1);
+        assert!(Cli::try_parse_from(["vmm-reference", "run", "--memory", "bogus"]).is_err());
+    }
+}

@@ -1,0 +1,421 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `vmm-reference demo`: boots the demo guest, restarts the VMM in place several times,
+//! then reboots it through a state file, and checks after each step that the guest went on
+//! as if nothing happened. Also the helpers the end-to-end tests use.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::config::DemoConfig;
+use crate::qmp_client::QmpClient;
+
+/// Generous deadline for guest progress on an emulated, loaded 2-core host.
+pub const PROGRESS_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A failed check.
+pub type Check<T> = Result<T, String>;
+
+/// The demo guest's status, as `x-demo-status` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Words written.
+    pub counter: u64,
+    /// Generations.
+    pub generation: u64,
+    /// Serial lines.
+    pub lines: u64,
+    /// Verification failures.
+    pub errors: u64,
+    /// Exceptions.
+    pub faults: u64,
+    /// Timer interrupts per vCPU.
+    pub ticks: Vec<u64>,
+    /// Guest TSC at the last line.
+    pub tsc: u64,
+    /// Host TSC kHz.
+    pub tsc_khz: u64,
+    /// VMM pid.
+    pub pid: u64,
+}
+
+/// Reads `x-demo-status`.
+pub fn status(c: &mut QmpClient) -> Check<Status> {
+    let v = c
+        .execute("x-demo-status", json!({}))
+        .map_err(|e| e.to_string())?;
+    let u = |k: &str| {
+        v[k].as_u64()
+            .ok_or_else(|| format!("x-demo-status lacks {k}: {v}"))
+    };
+    Ok(Status {
+        counter: u("counter")?,
+        generation: u("generation")?,
+        lines: u("lines")?,
+        errors: u("errors")?,
+        faults: u("faults")?,
+        ticks: v["ticks"]
+            .as_array()
+            .ok_or("no ticks")?
+            .iter()
+            .map(|t| t.as_u64().unwrap_or(0))
+            .collect(),
+        tsc: u("tsc")?,
+        tsc_khz: v["tsc-khz"].as_u64().unwrap_or(0),
+        pid: u("pid")?,
+    })
+}
+
+/// Waits until the guest printed `more` lines beyond `from` and every vCPU's timer ticked.
+pub fn wait_progress(c: &mut QmpClient, from: &Status, more: u64) -> Check<Status> {
+    let start = Instant::now();
+    loop {
+        let s = status(c)?;
+        let ticking = s.ticks.iter().zip(&from.ticks).all(|(a, b)| a > b);
+        if s.lines >= from.lines + more && ticking {
+            return Ok(s);
+        }
+        if s.errors != 0 || s.faults != 0 {
+            return Err(format!(
+                "guest reports errors={} faults={}",
+                s.errors, s.faults
+            ));
+        }
+        if start.elapsed() > PROGRESS_DEADLINE {
+            return Err(format!(
+                "no progress within {PROGRESS_DEADLINE:?}: {from:?} -> {s:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks that `after` continues `before`: counter, generation and lines went on, every
+/// vCPU's timer still ticks, and the guest found its memory intact.
+pub fn check_continuity(before: &Status, after: &Status) -> Check<()> {
+    if after.errors != 0 {
+        return Err(format!(
+            "the guest found its memory changed ({} verification failures)",
+            after.errors
+        ));
+    }
+    if after.faults != 0 {
+        return Err("the guest took an exception".into());
+    }
+    if after.counter <= before.counter
+        || after.generation <= before.generation
+        || after.lines <= before.lines
+    {
+        return Err(format!(
+            "the guest did not continue: {before:?} -> {after:?}"
+        ));
+    }
+    if after.ticks.len() != before.ticks.len()
+        || after.ticks.iter().zip(&before.ticks).any(|(a, b)| a <= b)
+    {
+        return Err(format!(
+            "timer interrupts stopped: {:?} -> {:?}",
+            before.ticks, after.ticks
+        ));
+    }
+    Ok(())
+}
+
+/// Checks serial output: lines `L <n> ...` numbered 1, 2, 3, ... with no gap or repeat.
+/// Returns the number of complete lines.
+pub fn check_serial(text: &str) -> Check<u64> {
+    let mut expect = 1u64;
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    for line in complete.lines() {
+        let n: u64 = line
+            .strip_prefix("L ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("unexpected serial line {line:?}"))?;
+        if n != expect {
+            return Err(format!(
+                "serial line {n} where {expect} was expected (gap or repeat)"
+            ));
+        }
+        expect += 1;
+    }
+    Ok(expect - 1)
+}
+
+/// A VMM child process with its monitor.
+#[derive(Debug)]
+pub struct Vm {
+    /// The process.
+    pub child: Child,
+    /// Its monitor.
+    pub qmp: QmpClient,
+}
+
+/// Starts `vmm-reference run ARGS` (logging to `log`) and connects to its monitor.
+pub fn spawn(exe: &Path, args: &[String], monitor: &Path, log: &Path) -> Check<Vm> {
+    let log_file =
+        std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", exe.display()))?;
+    let qmp = match QmpClient::connect(monitor, Duration::from_secs(60)) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("monitor: {e}\n{log}"));
+        }
+    };
+    Ok(Vm { child, qmp })
+}
+
+/// Waits for a child to exit within `timeout`; returns its exit code.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Check<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(st.code().unwrap_or(-1));
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            return Err(format!("process did not exit within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{}.{:03} ms", us / 1000, us % 1000)
+}
+
+fn blackout(v: &Value) -> Check<u64> {
+    v["blackout-us"]
+        .as_u64()
+        .ok_or_else(|| format!("no blackout in {v}"))
+}
+
+/// Runs the demo.
+pub fn run(cfg: &DemoConfig) -> Check<()> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (dir, temporary) = match &cfg.work_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("cpr-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let shm = PathBuf::from(format!("/dev/shm/cpr-demo-{}", std::process::id()));
+    let result = run_in(cfg, &exe, &dir, &shm);
+    let _ = std::fs::remove_file(&shm);
+    if temporary && result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("work directory kept: {}", dir.display());
+    }
+    result
+}
+
+fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
+    let span = cfg.span.to_string();
+    let p = |n: &str| dir.join(n);
+    let s = |p: PathBuf| p.to_string_lossy().into_owned();
+
+    println!("== restart: exec the VMM in place, {} times", cfg.restarts);
+    let monitor = p("qmp-restart.sock");
+    let args: Vec<String> = vec![
+        "--memory".into(),
+        "memfd".into(),
+        "--memory-size".into(),
+        "1G".into(),
+        "--vcpus".into(),
+        "2".into(),
+        "--serial".into(),
+        format!("file:{}", s(p("serial-restart.log"))),
+        "--monitor".into(),
+        s(monitor.clone()),
+        "--demo-span".into(),
+        span.clone(),
+    ];
+    let mut vm = spawn(exe, &args, &monitor, &p("vmm-restart.log"))?;
+    let boot = Status {
+        counter: 0,
+        generation: 0,
+        lines: 0,
+        errors: 0,
+        faults: 0,
+        ticks: vec![0, 0],
+        tsc: 0,
+        tsc_khz: 0,
+        pid: 0,
+    };
+    let mut before = wait_progress(&mut vm.qmp, &boot, 3)?;
+    println!(
+        "booted demo guest: 1 GiB memfd, 2 vCPUs, pid {}, {} lines, ticks {:?}",
+        before.pid, before.lines, before.ticks
+    );
+    let mut blackouts = Vec::new();
+    for i in 1..=cfg.restarts {
+        let r = vm
+            .qmp
+            .execute("cpr-save", json!({"mode": "restart"}))
+            .map_err(|e| format!("restart {i}: {e}"))?;
+        let b = blackout(&r)?;
+        let after = wait_progress(&mut vm.qmp, &before, 2)?;
+        check_continuity(&before, &after).map_err(|e| format!("restart {i}: {e}"))?;
+        if after.pid != before.pid {
+            return Err(format!(
+                "restart {i}: pid changed {} -> {}",
+                before.pid, after.pid
+            ));
+        }
+        println!(
+            "restart {i:>2}: blackout {:>10}  pid {} kept, counter {} -> {}, lines {} -> {}, ticks {:?} -> {:?}, memory verified",
+            ms(b), after.pid, before.counter, after.counter, before.lines, after.lines, before.ticks, after.ticks
+        );
+        blackouts.push(b);
+        before = after;
+    }
+    vm.qmp
+        .execute("quit", json!({}))
+        .map_err(|e| e.to_string())?;
+    wait_exit(&mut vm.child, Duration::from_secs(30))?;
+    let lines = check_serial(
+        &std::fs::read_to_string(p("serial-restart.log")).map_err(|e| e.to_string())?,
+    )?;
+    println!("serial: {lines} lines numbered 1..{lines}, no gap, no repeat");
+
+    println!("== reboot: save to a state file, exit, restore in a new process");
+    let monitor = p("qmp-reboot.sock");
+    let state = p("vm.state");
+    let args: Vec<String> = vec![
+        "--memory".into(),
+        format!("shm:{}", shm.display()),
+        "--memory-size".into(),
+        "1G".into(),
+        "--vcpus".into(),
+        "2".into(),
+        "--serial".into(),
+        format!("file:{}", s(p("serial-reboot.log"))),
+        "--monitor".into(),
+        s(monitor.clone()),
+        "--demo-span".into(),
+        span,
+    ];
+    let mut vm = spawn(exe, &args, &monitor, &p("vmm-reboot-1.log"))?;
+    let before = wait_progress(&mut vm.qmp, &boot, 3)?;
+    let info = vm
+        .qmp
+        .execute("cpr-info", json!({}))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "cpr-info: reboot supported={}, warnings {}",
+        info["modes"]["reboot"]["supported"], info["modes"]["reboot"]["warnings"]
+    );
+    vm.qmp
+        .execute("cpr-save", json!({"mode": "reboot", "path": state}))
+        .map_err(|e| format!("reboot save: {e}"))?;
+    let code = wait_exit(&mut vm.child, Duration::from_secs(30))?;
+    if code != 0 {
+        return Err(format!("the old VMM exited with {code} after saving"));
+    }
+    print!(
+        "{}",
+        crate::vmm::inspect(&state).map_err(|e| e.to_string())?
+    );
+    let mut args2 = args.clone();
+    args2.extend(["--incoming".to_string(), s(state.clone())]);
+    let mut vm = spawn(exe, &args2, &monitor, &p("vmm-reboot-2.log"))?;
+    let info = vm
+        .qmp
+        .execute("cpr-info", json!({}))
+        .map_err(|e| e.to_string())?;
+    let b = blackout(&info["last-update"])?;
+    let after = wait_progress(&mut vm.qmp, &before, 2)?;
+    check_continuity(&before, &after).map_err(|e| format!("reboot: {e}"))?;
+    println!(
+        "reboot: blackout {} (includes process exit and start), pid {} -> {}, counter {} -> {}, lines {} -> {}, ticks {:?} -> {:?}, memory verified",
+        ms(b), before.pid, after.pid, before.counter, after.counter, before.lines, after.lines, before.ticks, after.ticks
+    );
+    vm.qmp
+        .execute("quit", json!({}))
+        .map_err(|e| e.to_string())?;
+    wait_exit(&mut vm.child, Duration::from_secs(30))?;
+    let lines =
+        check_serial(&std::fs::read_to_string(p("serial-reboot.log")).map_err(|e| e.to_string())?)?;
+    println!("serial: {lines} lines numbered 1..{lines}, no gap, no repeat");
+
+    if !blackouts.is_empty() {
+        let mut sorted = blackouts.clone();
+        sorted.sort_unstable();
+        println!(
+            "== blackout of {} restarts: median {}, min {}, max {}; reboot {}",
+            sorted.len(),
+            ms(sorted[sorted.len() / 2]),
+            ms(sorted[0]),
+            ms(sorted[sorted.len() - 1]),
+            ms(b)
+        );
+    }
+    println!("demo PASSED: every continuity check held");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_numbering_is_checked() {
+        assert_eq!(check_serial("L 1 G 1 T 5\nL 2 G 2 T 9\nL 3 G").unwrap(), 2);
+        assert!(check_serial("L 1 G 1\nL 3 G 3\n")
+            .unwrap_err()
+            .contains("gap"));
+        assert!(check_serial("L 1 G 1\nL 1 G 1\n").is_err());
+        assert!(check_serial("garbage\n").is_err());
+        assert_eq!(check_serial("").unwrap(), 0);
+    }
+
+    #[test]
+    fn continuity_is_checked() {
+        let a = Status {
+            counter: 1,
+            generation: 1,
+            lines: 1,
+            errors: 0,
+            faults: 0,
+            ticks: vec![1, 1],
+            tsc: 0,
+            tsc_khz: 0,
+            pid: 1,
+        };
+        let mut b = Status {
+            counter: 2,
+            generation: 2,
+            lines: 2,
+            ticks: vec![2, 2],
+            ..a.clone()
+        };
+        assert!(check_continuity(&a, &b).is_ok());
+        b.errors = 1;
+        assert!(check_continuity(&a, &b).is_err());
+        b.errors = 0;
+        b.ticks = vec![2, 1];
+        assert!(check_continuity(&a, &b).is_err());
+        assert!(check_continuity(&b, &a).is_err());
+    }
+}

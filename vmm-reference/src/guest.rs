@@ -1,0 +1,504 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The built-in demo guest: a few hundred bytes of 64-bit code that exercise what a live
+//! update can break, written for an emulated `/dev/kvm` (~0.4 M loop iterations/s).
+//!
+//! The bootstrap processor loops forever over *generations*: it verifies every word of a
+//! span of guest RAM against what the previous generation wrote (so a restore that lost or
+//! corrupted memory is caught by the guest itself), rewrites the span for the next
+//! generation with a checksum, bumps a counter for every word written, and prints a numbered
+//! line on the serial port. Every vCPU runs a periodic LAPIC timer and counts its
+//! interrupts; the application processors just halt between them. A status page at
+//! [`STATUS_ADDR`] lets the host read all of it back.
+
+use std::arch::global_asm;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+
+/// Guest physical address of the GDT.
+pub const GDT_ADDR: u64 = 0x1000;
+/// Guest physical address of the IDT.
+pub const IDT_ADDR: u64 = 0x2000;
+/// Guest physical address of the top-level page table.
+pub const PML4_ADDR: u64 = 0x3000;
+const PDPT_ADDR: u64 = 0x4000;
+const PD_ADDR: u64 = 0x6000;
+/// Guest physical address of the status page the host reads back.
+pub const STATUS_ADDR: u64 = 0x5000;
+/// Where the guest code is copied.
+pub const CODE_ADDR: u64 = 0x10000;
+/// Default start of the span the guest rewrites and checks.
+pub const SPAN_ADDR: u64 = 0x10_0000;
+const STACK_TOP: u64 = 0x8_0000;
+/// "CPRDEMO1".
+pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"CPRDEMO1");
+
+// Offsets in the status page (u64 each); the assembly below uses the same numbers.
+const ST_MAGIC: u64 = 0x00;
+const ST_SPAN_ADDR: u64 = 0x08;
+const ST_SPAN_WORDS: u64 = 0x10;
+const ST_COUNTER: u64 = 0x18;
+const ST_GENERATION: u64 = 0x28;
+const ST_LINES: u64 = 0x30;
+const ST_ERRORS: u64 = 0x38;
+const ST_CHECKSUM: u64 = 0x40;
+const ST_TSC: u64 = 0x48;
+const ST_TIMER_COUNT: u64 = 0x50;
+const ST_BAD_WORDS: u64 = 0x70;
+const ST_FAULTS: u64 = 0x78;
+const ST_TICKS: u64 = 0x100;
+
+global_asm!(
+    ".pushsection .rodata.cpr_demo_guest,\"a\"",
+    ".balign 16",
+    ".globl cpr_demo_guest_start",
+    ".globl cpr_demo_guest_end",
+    ".globl cpr_demo_isr_timer",
+    ".globl cpr_demo_isr_fault",
+    ".globl cpr_demo_isr_spurious",
+    ".code64",
+    "cpr_demo_guest_start:",
+    // rdi = vCPU index; rsp set by the host.
+    "mov r15, rdi",
+    "mov r14, 0xFEE00000",
+    "mov dword ptr [r14 + 0xF0], 0x1FF", // enable the LAPIC, spurious vector 0xFF
+    "mov dword ptr [r14 + 0x3E0], 0x3",  // timer divide by 16
+    "mov dword ptr [r14 + 0x320], 0x20020", // periodic, vector 0x20
+    "mov eax, dword ptr [0x5050]",
+    "mov dword ptr [r14 + 0x380], eax", // initial count
+    "sti",
+    "test r15, r15",
+    "jnz 20f",
+    "mov rbx, qword ptr [0x5028]",
+    "10:",
+    "test rbx, rbx",
+    "jz 11f",
+    "call 30f",
+    "11:",
+    "inc rbx",
+    "mov qword ptr [0x5028], rbx",
+    "call 40f",
+    "call 50f",
+    "jmp 10b",
+    // Application processors: halt between timer interrupts.
+    "20:",
+    "hlt",
+    "jmp 20b",
+    // verify: every word must be (i * K) ^ generation, and their sum the stored checksum.
+    "30:",
+    "mov rsi, qword ptr [0x5008]",
+    "mov rcx, qword ptr [0x5010]",
+    "xor rdx, rdx",
+    "xor r8, r8",
+    "xor r10, r10",
+    "mov r9, 0x9E3779B97F4A7C15",
+    "31:",
+    "cmp rdx, rcx",
+    "jae 33f",
+    "mov rax, qword ptr [rsi + rdx*8]",
+    "add r8, rax",
+    "mov r11, rdx",
+    "imul r11, r9",
+    "xor r11, rbx",
+    "cmp rax, r11",
+    "je 32f",
+    "inc r10",
+    "32:",
+    "inc rdx",
+    "jmp 31b",
+    "33:",
+    "cmp r8, qword ptr [0x5040]",
+    "je 34f",
+    "inc r10",
+    "34:",
+    "test r10, r10",
+    "jz 35f",
+    "inc qword ptr [0x5038]",
+    "mov qword ptr [0x5070], r10",
+    "35:",
+    "ret",
+    // fill: write the next generation and its checksum; count every word.
+    "40:",
+    "mov rsi, qword ptr [0x5008]",
+    "mov rcx, qword ptr [0x5010]",
+    "xor rdx, rdx",
+    "xor r8, r8",
+    "mov r9, 0x9E3779B97F4A7C15",
+    "41:",
+    "cmp rdx, rcx",
+    "jae 42f",
+    "mov rax, rdx",
+    "imul rax, r9",
+    "xor rax, rbx",
+    "mov qword ptr [rsi + rdx*8], rax",
+    "add r8, rax",
+    "inc qword ptr [0x5018]",
+    "inc rdx",
+    "jmp 41b",
+    "42:",
+    "mov qword ptr [0x5040], r8",
+    "ret",
+    // print "L <line> G <generation> T <ticks>\n" and record the TSC.
+    "50:",
+    "inc qword ptr [0x5030]",
+    "mov al, 0x4C",
+    "call 70f",
+    "mov al, 0x20",
+    "call 70f",
+    "mov rax, qword ptr [0x5030]",
+    "call 60f",
+    "mov al, 0x20",
+    "call 70f",
+    "mov al, 0x47",
+    "call 70f",
+    "mov al, 0x20",
+    "call 70f",
+    "mov rax, rbx",
+    "call 60f",
+    "mov al, 0x20",
+    "call 70f",
+    "mov al, 0x54",
+    "call 70f",
+    "mov al, 0x20",
+    "call 70f",
+    "mov rax, qword ptr [0x5100]",
+    "call 60f",
+    "mov al, 0x0A",
+    "call 70f",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov qword ptr [0x5048], rax",
+    "ret",
+    // print rax in decimal.
+    "60:",
+    "push rbx",
+    "sub rsp, 32",
+    "lea rsi, [rsp + 31]",
+    "mov rbx, 10",
+    "xor r8, r8",
+    "61:",
+    "xor rdx, rdx",
+    "div rbx",
+    "add dl, 0x30",
+    "mov byte ptr [rsi], dl",
+    "dec rsi",
+    "inc r8",
+    "test rax, rax",
+    "jnz 61b",
+    "62:",
+    "inc rsi",
+    "mov al, byte ptr [rsi]",
+    "call 70f",
+    "dec r8",
+    "jnz 62b",
+    "add rsp, 32",
+    "pop rbx",
+    "ret",
+    // putc al on COM1.
+    "70:",
+    "push rdx",
+    "mov dx, 0x3F8",
+    "out dx, al",
+    "pop rdx",
+    "ret",
+    // LAPIC timer: count per vCPU (by LAPIC id), EOI.
+    "cpr_demo_isr_timer:",
+    "push rax",
+    "push rcx",
+    "mov rcx, 0xFEE00000",
+    "mov eax, dword ptr [rcx + 0x20]",
+    "shr eax, 24",
+    "inc qword ptr [0x5100 + rax*8]",
+    "mov dword ptr [rcx + 0xB0], 0",
+    "pop rcx",
+    "pop rax",
+    "iretq",
+    // Any exception: record it and stop this vCPU.
+    "cpr_demo_isr_fault:",
+    "mov qword ptr [0x5078], 1",
+    "cli",
+    "hlt",
+    "jmp cpr_demo_isr_fault",
+    "cpr_demo_isr_spurious:",
+    "iretq",
+    "cpr_demo_guest_end:",
+    ".popsection",
+);
+
+extern "C" {
+    static cpr_demo_guest_start: u8;
+    static cpr_demo_guest_end: u8;
+    static cpr_demo_isr_timer: u8;
+    static cpr_demo_isr_fault: u8;
+    static cpr_demo_isr_spurious: u8;
+}
+
+struct Image {
+    code: &'static [u8],
+    timer: u64,
+    fault: u64,
+    spurious: u64,
+}
+
+fn image() -> Image {
+    // SAFETY: every symbol is defined by the global_asm! above, in one read-only section
+    // that lives as long as the program, with the entry first and the end last.
+    unsafe {
+        let start = std::ptr::addr_of!(cpr_demo_guest_start);
+        let end = std::ptr::addr_of!(cpr_demo_guest_end);
+        let off = |p: *const u8| p.offset_from(start) as u64;
+        Image {
+            code: std::slice::from_raw_parts(start, end.offset_from(start) as usize),
+            timer: off(std::ptr::addr_of!(cpr_demo_isr_timer)),
+            fault: off(std::ptr::addr_of!(cpr_demo_isr_fault)),
+            spurious: off(std::ptr::addr_of!(cpr_demo_isr_spurious)),
+        }
+    }
+}
+
+/// Demo guest settings.
+#[derive(Clone, Copy, Debug)]
+pub struct DemoConfig {
+    /// Bytes of guest RAM the guest rewrites and verifies each generation.
+    pub span_bytes: u64,
+    /// LAPIC timer initial count (divide by 16; KVM counts 1 ns per bus cycle, so 62500 is
+    /// about 1 kHz).
+    pub timer_count: u32,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            span_bytes: 64 << 10,
+            timer_count: 62_500,
+        }
+    }
+}
+
+fn gdt_entry(flags: u64, base: u64, limit: u64) -> u64 {
+    ((base & 0xff00_0000) << 32)
+        | ((flags & 0xf0ff) << 40)
+        | ((limit & 0xf_0000) << 32)
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0xffff)
+}
+
+fn segment(selector: u16, flags: u64) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: (flags & 0xf) as u8,
+        present: ((flags >> 7) & 1) as u8,
+        dpl: ((flags >> 5) & 3) as u8,
+        db: ((flags >> 14) & 1) as u8,
+        s: ((flags >> 4) & 1) as u8,
+        l: ((flags >> 13) & 1) as u8,
+        g: ((flags >> 15) & 1) as u8,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+const CODE_FLAGS: u64 = 0xa09b;
+const DATA_FLAGS: u64 = 0xc093;
+const TSS_FLAGS: u64 = 0x808b;
+
+/// Writes the GDT (null, code, data, TSS) and an identity map of the first 4 GiB with 2 MiB
+/// pages (uncached above 0xFE000000, where the LAPIC and IOAPIC live).
+pub fn write_tables<M: GuestMemory>(mem: &M) -> Result<(), String> {
+    let w = |addr: u64, v: u64| {
+        mem.write_obj(v, GuestAddress(addr))
+            .map_err(|e| format!("guest memory at {addr:#x}: {e}"))
+    };
+    w(GDT_ADDR, 0)?;
+    w(GDT_ADDR + 8, gdt_entry(CODE_FLAGS, 0, 0xfffff))?;
+    w(GDT_ADDR + 16, gdt_entry(DATA_FLAGS, 0, 0xfffff))?;
+    w(GDT_ADDR + 24, gdt_entry(TSS_FLAGS, 0, 0x67))?;
+    w(GDT_ADDR + 32, 0)?;
+    w(PML4_ADDR, PDPT_ADDR | 3)?;
+    for i in 0..4u64 {
+        w(PDPT_ADDR + i * 8, (PD_ADDR + i * 0x1000) | 3)?;
+        for j in 0..512u64 {
+            let addr = (i * 512 + j) << 21;
+            let uncached = if addr >= 0xfe00_0000 { 0x18 } else { 0 };
+            w(PD_ADDR + i * 0x1000 + j * 8, addr | 0x83 | uncached)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes code, descriptor tables, page tables and the status page into fresh guest memory.
+pub fn load<M: GuestMemory + GuestMemoryBackend>(mem: &M, cfg: &DemoConfig) -> Result<(), String> {
+    let w = |addr: u64, v: u64| {
+        mem.write_obj(v, GuestAddress(addr))
+            .map_err(|e| format!("guest memory at {addr:#x}: {e}"))
+    };
+    let img = image();
+    mem.write_slice(img.code, GuestAddress(CODE_ADDR))
+        .map_err(|e| format!("guest code: {e}"))?;
+    write_tables(mem)?;
+    // IDT: exceptions fault, 0x20 is the timer, the rest spurious.
+    for vector in 0..256u64 {
+        let handler = CODE_ADDR
+            + match vector {
+                0..=31 => img.fault,
+                0x20 => img.timer,
+                _ => img.spurious,
+            };
+        let low =
+            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
+        w(IDT_ADDR + vector * 16, low)?;
+        w(IDT_ADDR + vector * 16 + 8, handler >> 32)?;
+    }
+    let span_words = cfg.span_bytes / 8;
+    let last = GuestAddress(SPAN_ADDR + cfg.span_bytes.saturating_sub(1));
+    if span_words == 0 || !mem.address_in_range(last) {
+        return Err(format!(
+            "demo span of {} bytes at {SPAN_ADDR:#x} does not fit guest memory",
+            cfg.span_bytes
+        ));
+    }
+    for (off, v) in [
+        (ST_MAGIC, STATUS_MAGIC),
+        (ST_SPAN_ADDR, SPAN_ADDR),
+        (ST_SPAN_WORDS, span_words),
+        (ST_TIMER_COUNT, u64::from(cfg.timer_count)),
+    ] {
+        w(STATUS_ADDR + off, v)?;
+    }
+    Ok(())
+}
+
+/// Initial registers of vCPU `index` (entry point, stack, `rdi` = index).
+pub fn initial_regs(index: u64) -> kvm_regs {
+    kvm_regs {
+        rip: CODE_ADDR,
+        rsp: STACK_TOP - index * 0x4000,
+        rdi: index,
+        rflags: 2,
+        ..Default::default()
+    }
+}
+
+/// Special registers for 64-bit mode with the tables written by [`load`].
+pub fn initial_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let code = segment(0x08, CODE_FLAGS);
+    let data = segment(0x10, DATA_FLAGS);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        ..segment(0x18, TSS_FLAGS)
+    };
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = 5 * 8 - 1;
+    sregs.idt.base = IDT_ADDR;
+    sregs.idt.limit = 256 * 16 - 1;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = 0x20 | 0x600; // PAE, OSFXSR, OSXMMEXCPT
+    sregs.cr0 = 0x8005_0033; // PG, WP, NE, ET, MP, PE
+    sregs.efer = 0x500; // LME, LMA
+    sregs
+}
+
+/// What the demo guest reports in its status page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DemoStatus {
+    /// Words written since boot.
+    pub counter: u64,
+    /// Generations completed.
+    pub generation: u64,
+    /// Serial lines printed.
+    pub lines: u64,
+    /// Verification failures (must stay 0).
+    pub errors: u64,
+    /// Words found wrong in the last failed verification.
+    pub bad_words: u64,
+    /// Exceptions taken (must stay 0).
+    pub faults: u64,
+    /// Checksum of the current generation.
+    pub checksum: u64,
+    /// Guest TSC at the last line.
+    pub tsc: u64,
+    /// LAPIC timer interrupts of each vCPU.
+    pub ticks: [u64; 8],
+}
+
+impl DemoStatus {
+    /// Reads the status page, or `None` if it does not hold the demo guest's magic.
+    pub fn read<M: GuestMemory>(mem: &M) -> Option<DemoStatus> {
+        let r = |off: u64| mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + off)).ok();
+        if r(ST_MAGIC)? != STATUS_MAGIC {
+            return None;
+        }
+        let mut ticks = [0u64; 8];
+        for (i, t) in ticks.iter_mut().enumerate() {
+            *t = r(ST_TICKS + 8 * i as u64)?;
+        }
+        Some(DemoStatus {
+            counter: r(ST_COUNTER)?,
+            generation: r(ST_GENERATION)?,
+            lines: r(ST_LINES)?,
+            errors: r(ST_ERRORS)?,
+            bad_words: r(ST_BAD_WORDS)?,
+            faults: r(ST_FAULTS)?,
+            checksum: r(ST_CHECKSUM)?,
+            tsc: r(ST_TSC)?,
+            ticks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_has_its_handlers_inside() {
+        let img = image();
+        assert!(img.code.len() > 100);
+        for off in [img.timer, img.fault, img.spurious] {
+            assert!(off > 0 && off < img.code.len() as u64);
+        }
+        // The timer handler ends in iretq (48 cf) somewhere after its start.
+        let tail = &img.code[img.timer as usize..];
+        assert!(tail.windows(2).any(|w| w == [0x48, 0xcf]));
+    }
+
+    #[test]
+    fn gdt_entries_match_the_usual_encoding() {
+        assert_eq!(gdt_entry(CODE_FLAGS, 0, 0xfffff), 0x00af_9b00_0000_ffff);
+        assert_eq!(gdt_entry(DATA_FLAGS, 0, 0xfffff), 0x00cf_9300_0000_ffff);
+        let cs = segment(0x08, CODE_FLAGS);
+        assert_eq!(
+            (cs.l, cs.db, cs.present, cs.type_, cs.s, cs.g),
+            (1, 0, 1, 0xb, 1, 1)
+        );
+    }
+
+    #[test]
+    fn load_refuses_a_span_beyond_memory() {
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let ok = DemoConfig {
+            span_bytes: 64 << 10,
+            timer_count: 1,
+        };
+        load(&mem, &ok).unwrap();
+        assert_eq!(DemoStatus::read(&mem).unwrap().generation, 0);
+        let too_big = DemoConfig {
+            span_bytes: 2 << 20,
+            timer_count: 1,
+        };
+        assert!(load(&mem, &too_big).is_err());
+    }
+}

@@ -1,0 +1,62 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The reference VMM: a small KVM VMM that composes cpr-snapshot, cpr-memory, cpr-fd and
+//! cpr-kvm, and proves that a guest survives a VMM restart (exec in place) and a reboot
+//! (state file, new process) with its memory, CPU state, interrupts and console intact.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod guest;
+pub mod linux;
+pub mod machine;
+pub mod monitor;
+pub mod qmp_client;
+pub mod serial;
+pub mod vmm;
+
+/// What the control loop receives.
+#[derive(Debug)]
+pub enum ControlMsg {
+    /// A monitor command.
+    Qmp(monitor::Request),
+    /// A vCPU event.
+    Vcpu(machine::VcpuEvent),
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main_with(cli: config::Cli) -> i32 {
+    let env = env_logger::Env::default().default_filter_or(cli.log_level.as_str());
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_micros()
+        .try_init();
+    match cli.command {
+        config::Command::Run(cfg) => match vmm::Vmm::start(cfg).and_then(vmm::Vmm::run) {
+            Ok(_) => 0,
+            Err(e) => {
+                log::error!("{e}");
+                eprintln!("vmm-reference: {e}");
+                1
+            }
+        },
+        config::Command::Demo(cfg) => match demo::run(&cfg) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("demo FAILED: {e}");
+                1
+            }
+        },
+        config::Command::Inspect { file } => match vmm::inspect(&file) {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("vmm-reference: {e}");
+                1
+            }
+        },
+    }
+}
