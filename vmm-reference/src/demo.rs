@@ -41,6 +41,26 @@ pub struct Status {
     pub tsc_khz: u64,
     /// VMM pid.
     pub pid: u64,
+    /// kvmclock read by the VMM (`KVM_GET_CLOCK`), ns.
+    pub kvmclock: u64,
+}
+
+impl Status {
+    /// The status of a guest that has not started: every count zero.
+    pub fn boot(vcpus: usize) -> Status {
+        Status {
+            counter: 0,
+            generation: 0,
+            lines: 0,
+            errors: 0,
+            faults: 0,
+            ticks: vec![0; vcpus],
+            tsc: 0,
+            tsc_khz: 0,
+            pid: 0,
+            kvmclock: 0,
+        }
+    }
 }
 
 /// Reads `x-demo-status`.
@@ -67,6 +87,7 @@ pub fn status(c: &mut QmpClient) -> Check<Status> {
         tsc: u("tsc")?,
         tsc_khz: v["tsc-khz"].as_u64().unwrap_or(0),
         pid: u("pid")?,
+        kvmclock: v["kvmclock-ns"].as_u64().unwrap_or(0),
     })
 }
 
@@ -156,6 +177,16 @@ pub struct Vm {
     pub child: Child,
     /// Its monitor.
     pub qmp: QmpClient,
+}
+
+impl Drop for Vm {
+    /// A VMM left behind by a failed check is killed, not leaked.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Starts `vmm-reference run ARGS` (logging to `log`) and connects to its monitor.
@@ -252,17 +283,7 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         span.clone(),
     ];
     let mut vm = spawn(exe, &args, &monitor, &p("vmm-restart.log"))?;
-    let boot = Status {
-        counter: 0,
-        generation: 0,
-        lines: 0,
-        errors: 0,
-        faults: 0,
-        ticks: vec![0, 0],
-        tsc: 0,
-        tsc_khz: 0,
-        pid: 0,
-    };
+    let boot = Status::boot(2);
     let mut before = wait_progress(&mut vm.qmp, &boot, 3)?;
     println!(
         "booted demo guest: 1 GiB memfd, 2 vCPUs, pid {}, {} lines, ticks {:?}",
@@ -396,12 +417,9 @@ mod tests {
             counter: 1,
             generation: 1,
             lines: 1,
-            errors: 0,
-            faults: 0,
             ticks: vec![1, 1],
-            tsc: 0,
-            tsc_khz: 0,
             pid: 1,
+            ..Status::boot(2)
         };
         let mut b = Status {
             counter: 2,

@@ -223,7 +223,7 @@ impl Machine {
                 self.pending.len()
             )));
         }
-        restore_vm(&self.vm, vm_state, ClockPolicy::Frozen)?;
+        restore_vm(&self.vm, vm_state, ClockPolicy::Frozen, elapsed_ns)?;
         let mut refused = Vec::new();
         for (vcpu, state) in self.pending.iter().zip(vcpus) {
             let r = restore_vcpu(vcpu, state, ClockPolicy::Frozen, elapsed_ns)?;
@@ -312,6 +312,11 @@ impl Machine {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((vm, vcpus))
+    }
+
+    /// kvmclock (`KVM_GET_CLOCK`), the guest-visible clock of Linux guests, in ns.
+    pub fn kvmclock_ns(&self) -> Option<u64> {
+        self.vm.get_clock().ok().map(|c| c.clock)
     }
 
     /// Whether guest RAM is backed by something other than anonymous memory.

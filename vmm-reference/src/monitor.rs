@@ -101,6 +101,8 @@ pub struct Splitter {
     depth: usize,
     in_string: bool,
     escape: bool,
+    /// Discarding the rest of a line that did not start an object.
+    skipping: bool,
 }
 
 /// One item from [`Splitter::push`].
@@ -117,15 +119,21 @@ impl Splitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut out = Vec::new();
         for &b in bytes {
+            if self.skipping {
+                self.skipping = b != b'\n';
+                continue;
+            }
             if self.depth == 0 {
                 match b {
                     b' ' | b'\t' | b'\r' | b'\n' => continue,
                     b'{' => {}
                     _ => {
+                        // One error per bad line, not per byte.
                         out.push(Piece::Garbage(format!(
                             "JSON parse error: expected an object, found {:?}",
                             char::from(b)
                         )));
+                        self.skipping = true;
                         continue;
                     }
                 }
@@ -441,7 +449,8 @@ mod tests {
     #[test]
     fn splitter_reports_garbage_and_caps_size() {
         let mut s = Splitter::default();
-        let out = s.push(b"xy{}");
+        let out = s.push(b"xy{}\n[1, {2}]\n{}");
+        assert_eq!(out.len(), 3, "{out:?}");
         assert!(matches!(out[0], Piece::Garbage(_)));
         assert!(matches!(out[1], Piece::Garbage(_)));
         assert_eq!(out[2], Piece::Message(b"{}".to_vec()));

@@ -524,6 +524,7 @@ impl Vmm {
             "errors": s.errors, "bad-words": s.bad_words, "faults": s.faults,
             "checksum": s.checksum, "tsc": s.tsc, "tsc-khz": m.tsc_khz(),
             "ticks": &s.ticks[..m.vcpu_count()], "pid": std::process::id(),
+            "kvmclock-ns": m.kvmclock_ns(),
         }))
     }
 

@@ -298,8 +298,10 @@ pub fn capture_vm(vm: &VmFd, has_pit: bool) -> Result<VmState> {
 }
 
 /// Restores VM-wide state into a fresh VM that already has its in-kernel irqchip (and PIT,
-/// if one was saved). Call it before restoring the vCPUs.
-pub fn restore_vm(vm: &VmFd, state: &VmState, policy: ClockPolicy) -> Result<()> {
+/// if one was saved). Call it before restoring the vCPUs. `elapsed_ns` (host time since
+/// capture) is used by [`ClockPolicy::Advance`] when the host did not record real time with
+/// the clock.
+pub fn restore_vm(vm: &VmFd, state: &VmState, policy: ClockPolicy, elapsed_ns: u64) -> Result<()> {
     set_chip(vm, &state.pic_master, KVM_IRQCHIP_PIC_MASTER, "PIC master")?;
     set_chip(vm, &state.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "PIC slave")?;
     set_chip(vm, &state.ioapic, KVM_IRQCHIP_IOAPIC, "IOAPIC")?;
@@ -322,7 +324,7 @@ pub fn restore_vm(vm: &VmFd, state: &VmState, policy: ClockPolicy) -> Result<()>
             ..Default::default()
         },
         ClockPolicy::Advance => kvm_clock_data {
-            clock: saved.clock,
+            clock: saved.clock.saturating_add(elapsed_ns),
             ..Default::default()
         },
     };

@@ -190,7 +190,7 @@ fn restore_and_finish(state_path: &Path) -> Run {
     let vcpu_state: VcpuState = snap.take(0).unwrap();
     let ram = GuestRam::reattach(&layout, &mut HashMap::new(), &MemoryOptions::default()).unwrap();
     let (vm, mut vcpu) = new_vm(&kvm, &ram);
-    restore_vm(&vm, &vm_state, ClockPolicy::Frozen).unwrap();
+    restore_vm(&vm, &vm_state, ClockPolicy::Frozen, 0).unwrap();
     let report = restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap();
     eprintln!("refused MSRs on restore: {:x?}", report.refused_msrs);
     let mut out = Run::default();
