@@ -314,6 +314,17 @@ impl Machine {
         Ok((vm, vcpus))
     }
 
+    /// A duplicate of the VM fd. Handed to the next image and closed there after the guest
+    /// resumed, it keeps the old VM's teardown (which KVM otherwise does inside `execve`,
+    /// on the blackout's critical path) out of the blackout.
+    pub fn retire_vm_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the VmFd owns this fd and outlives the borrow, which only duplicates it.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.vm.as_raw_fd()) };
+        fd.try_clone_to_owned()
+            .map_err(|e| Error::Io(format!("dup VM fd: {e}")))
+    }
+
     /// kvmclock (`KVM_GET_CLOCK`), the guest-visible clock of Linux guests, in ns.
     pub fn kvmclock_ns(&self) -> Option<u64> {
         self.vm.get_clock().ok().map(|c| c.clock)

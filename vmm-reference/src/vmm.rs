@@ -27,6 +27,9 @@ use crate::monitor::{Monitor, QmpError, Request};
 use crate::serial::{SerialConfig, SerialDevice, SerialSection};
 use crate::ControlMsg;
 
+/// Name of the previous image's VM fd, closed by the new image once the guest runs.
+const RETIRED_VM: &str = "kvm.retired-vm";
+
 /// How long vCPUs get to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest guest RAM.
@@ -115,6 +118,8 @@ pub struct Vmm {
     guest: String,
     remove_on_quit: Vec<PathBuf>,
     last_update: Option<Value>,
+    /// When this process image started running `Vmm::start`.
+    started_ns: u64,
 }
 
 fn q(e: impl std::fmt::Display) -> QmpError {
@@ -134,6 +139,7 @@ impl Vmm {
     /// Starts the VMM: resumes a VM handed over by exec if there is one, restores one from
     /// `--incoming`, or boots a new one.
     pub fn start(config: RunConfig) -> Result<Vmm> {
+        let started_ns = monotonic_ns();
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
             vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
                 .map_err(|e| Error::Io(format!("signal handler: {e}")))?;
@@ -152,6 +158,7 @@ impl Vmm {
             guest: "demo".into(),
             remove_on_quit: Vec::new(),
             last_update: None,
+            started_ns,
         };
         match (handed_over, vmm.config.incoming.clone()) {
             (Some(fds), _) => vmm.resume_after_exec(fds)?,
@@ -240,7 +247,16 @@ impl Vmm {
         if self.monitor.is_none() {
             self.bind_monitor()?;
         }
+        let retired = fds.take(RETIRED_VM);
         self.restore(&bytes, Some(&mut fds))?;
+        if let Some(old_vm) = retired {
+            // The guest runs again: now let KVM tear the old VM down, off the control loop.
+            std::thread::spawn(move || {
+                let t = monotonic_ns();
+                drop(old_vm);
+                log::debug!("old VM released in {} us", (monotonic_ns() - t) / 1000);
+            });
+        }
         for e in fds.iter() {
             log::warn!("handed-over fd `{}` was not used", e.name());
         }
@@ -249,6 +265,7 @@ impl Vmm {
 
     /// Restores a VM from a state snapshot: memory from `fds` (restart) or paths (reboot).
     fn restore(&mut self, bytes: &[u8], mut fds: Option<&mut FdRegistry>) -> Result<()> {
+        let mut phases: Vec<(&str, u64)> = vec![("start", self.started_ns)];
         let schema = schema();
         let mut snap = Snapshot::read_from(bytes, &schema)?;
         let cfg: VmmConfigSection = snap.take(0)?;
@@ -278,7 +295,9 @@ impl Vmm {
                 HashMap::new()
             }
         };
+        phases.push(("decoded", monotonic_ns()));
         let ram = GuestRam::reattach(&layout, &mut mem_fds, &MemoryOptions::default())?;
+        phases.push(("memory", monotonic_ns()));
         for r in &layout.regions {
             if matches!(r.kind, BackendKind::Tmpfs | BackendKind::Hugetlbfs) {
                 self.remove_on_quit.push(PathBuf::from(&r.name));
@@ -294,8 +313,10 @@ impl Vmm {
             Some(f) => SerialDevice::from_fds(&serial_cfg, f, &serial_state, irq),
             None => SerialDevice::new(&serial_cfg, Some(&serial_state), irq),
         })?;
+        phases.push(("vm-created", monotonic_ns()));
         let elapsed = monotonic_ns().saturating_sub(cpr.stop_ns);
         let refused = machine.restore(&vm_state, &vcpus, elapsed)?;
+        phases.push(("state-restored", monotonic_ns()));
         if !refused.is_empty() {
             log::warn!("MSRs the kernel refused to restore: {refused:x?}");
         }
@@ -325,7 +346,19 @@ impl Vmm {
             ),
             None => log::info!("cpr {}: guest restored (paused)", cpr.mode),
         }
-        let data = json!({"mode": cpr.mode, "status": "completed", "blackout-us": blackout_us});
+        if let Some(f) = first {
+            phases.push(("first-entry", f));
+        }
+        let phases: Map<String, Value> = phases
+            .iter()
+            .map(|(k, t)| (k.to_string(), json!(t.saturating_sub(cpr.stop_ns) / 1000)))
+            .collect();
+        log::info!(
+            "cpr {} phases (us after the vCPUs stopped): {}",
+            cpr.mode,
+            Value::Object(phases.clone())
+        );
+        let data = json!({"mode": cpr.mode, "status": "completed", "blackout-us": blackout_us, "phases-us": phases});
         self.last_update = Some(data.clone());
         if let Some(m) = &self.monitor {
             if cpr.was_running {
@@ -650,7 +683,8 @@ impl Vmm {
                 .map_err(|e| q(format!("cannot find own executable: {e}")))?,
         };
         self.event("CPR", Some(json!({"mode": "restart", "status": "started"})));
-        let (bytes, was_running, _) = self.stop_and_encode("restart", Some(req)).map_err(q)?;
+        let (bytes, was_running, stop_ns) =
+            self.stop_and_encode("restart", Some(req)).map_err(q)?;
         if !was_running {
             log::info!("restart of a paused VM: it stays paused");
         }
@@ -673,14 +707,17 @@ impl Vmm {
             if let Some(mon) = &self.monitor {
                 mon.register_fds(&mut reg)?;
             }
+            reg.register(RETIRED_VM, FdKind(0x102), m.retire_vm_fd()?, b"")?;
             let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-            log::info!(
-                "cpr restart: exec {} with {} fds",
-                program.display(),
-                reg.len()
-            );
             m.serial.restore_terminal();
+            let count = reg.len();
             let prepared = reg.prepare()?;
+            log::info!(
+                "cpr restart: exec {} with {} fds, {} us after the vCPUs stopped",
+                program.display(),
+                count,
+                monotonic_ns().saturating_sub(stop_ns) / 1000
+            );
             Ok(prepared.exec(&program, &args).into())
         })()
         .unwrap_or_else(|e| e);
