@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a VM.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// Run the built-in demo: boot the demo guest, restart the VMM in place, reboot it through
     /// a state file, and check the guest's continuity after each step.
     Demo(DemoConfig),
@@ -149,6 +149,17 @@ pub struct RunConfig {
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// A VFIO device to keep open and DMA-mapped across restarts
+    /// (`/sys/bus/pci/devices/DDDD:BB:DD.F`, bound to vfio-pci).
+    #[arg(long)]
+    pub vfio_device: Option<PathBuf>,
+    /// Open the VFIO device through iommufd (VFIO cdev) instead of a legacy container.
+    #[arg(long)]
+    pub vfio_iommufd: bool,
+    /// Tests only: an in-memory model of the VFIO kernel interface instead of /dev/vfio,
+    /// `full` or `no-update-vaddr` (a kernel without VFIO_UPDATE_VADDR).
+    #[arg(long, hide = true, value_parser = ["full", "no-update-vaddr"])]
+    pub vfio_model: Option<String>,
 }
 
 /// `demo` options.

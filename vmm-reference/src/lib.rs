@@ -13,6 +13,7 @@ pub mod guest;
 pub mod linux;
 pub mod machine;
 pub mod monitor;
+pub mod passthrough;
 pub mod qmp_client;
 pub mod serial;
 pub mod vmm;
@@ -33,7 +34,7 @@ pub fn main_with(cli: config::Cli) -> i32 {
         .format_timestamp_micros()
         .try_init();
     match cli.command {
-        config::Command::Run(cfg) => match vmm::Vmm::start(cfg).and_then(vmm::Vmm::run) {
+        config::Command::Run(cfg) => match vmm::Vmm::start(*cfg).and_then(vmm::Vmm::run) {
             Ok(_) => 0,
             Err(e) => {
                 log::error!("{e}");

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::guest::{DemoConfig, DemoStatus};
 use crate::machine::{Machine, VcpuEvent};
 use crate::monitor::{Monitor, QmpError, Request};
+use crate::passthrough::Passthrough;
 use crate::serial::{SerialConfig, SerialDevice, SerialSection};
 use crate::ControlMsg;
 
@@ -78,6 +79,9 @@ pub fn schema() -> Schema {
         .section::<VcpuState>()
         .section::<SerialSection>()
         .section::<CprSection>()
+        .section::<cpr_vfio::LegacyState>()
+        .section::<cpr_vfio::IommufdState>()
+        .section::<crate::passthrough::ModelSection>()
         .build()
         .expect("static schema is valid")
 }
@@ -120,6 +124,7 @@ pub struct Vmm {
     last_update: Option<Value>,
     /// When this process image started running `Vmm::start`.
     started_ns: u64,
+    passthrough: Option<Passthrough>,
 }
 
 fn q(e: impl std::fmt::Display) -> QmpError {
@@ -159,6 +164,7 @@ impl Vmm {
             remove_on_quit: Vec::new(),
             last_update: None,
             started_ns,
+            passthrough: None,
         };
         match (handed_over, vmm.config.incoming.clone()) {
             (Some(fds), _) => vmm.resume_after_exec(fds)?,
@@ -220,6 +226,14 @@ impl Vmm {
             crate::guest::load(machine.ram.memory(), &demo).map_err(Error::Guest)?;
             machine.boot_demo()?;
         }
+        if let Some(dev) = &cfg.vfio_device {
+            self.passthrough = Some(Passthrough::open(
+                dev,
+                cfg.vfio_iommufd,
+                cfg.vfio_model.as_deref(),
+                &machine.ram,
+            )?);
+        }
         machine.start(self.tx.clone())?;
         log::info!(
             "booted {} guest: {} MiB {}, {} vCPUs",
@@ -265,6 +279,7 @@ impl Vmm {
 
     /// Restores a VM from a state snapshot: memory from `fds` (restart) or paths (reboot).
     fn restore(&mut self, bytes: &[u8], mut fds: Option<&mut FdRegistry>) -> Result<()> {
+        // The reference VMM reads every section it wrote; see `schema`.
         let mut phases: Vec<(&str, u64)> = vec![("start", self.started_ns)];
         let schema = schema();
         let mut snap = Snapshot::read_from(bytes, &schema)?;
@@ -309,10 +324,21 @@ impl Vmm {
             // After a reboot, the new command line says where output goes.
             None => self.config.serial.clone(),
         };
-        let mut machine = Machine::create(ram, vcpu_count, |irq| match fds {
+        let mut machine = Machine::create(ram, vcpu_count, |irq| match fds.as_deref_mut() {
             Some(f) => SerialDevice::from_fds(&serial_cfg, f, &serial_state, irq),
             None => SerialDevice::new(&serial_cfg, Some(&serial_state), irq),
         })?;
+        self.passthrough = match fds {
+            Some(f) => Passthrough::take_over(&mut snap, f, &machine.ram)?,
+            None if snap.contains::<cpr_vfio::LegacyState>(0)
+                || snap.contains::<cpr_vfio::IommufdState>(0) =>
+            {
+                return Err(Error::State(
+                    "the state holds a VFIO device, which cannot survive a process exit".into(),
+                ))
+            }
+            None => None,
+        };
         phases.push(("vm-created", monotonic_ns()));
         let elapsed = monotonic_ns().saturating_sub(cpr.stop_ns);
         let refused = machine.restore(&vm_state, &vcpus, elapsed)?;
@@ -465,6 +491,11 @@ impl Vmm {
             },
             "cpr-load" => self.cpr_load(&req.arguments),
             "x-demo-status" => self.demo_status(),
+            "x-vfio-status" => self
+                .passthrough
+                .as_ref()
+                .and_then(Passthrough::model_status)
+                .ok_or_else(|| q("no VFIO device on the model kernel")),
             "query-commands" => Ok(json!([
                 "query-status",
                 "stop",
@@ -545,7 +576,8 @@ impl Vmm {
             .iter()
             .map(|r| json!({"kind": r.kind.as_str(), "name": r.name, "guest-addr": r.guest_addr, "size": r.size, "page-size": r.page_size}))
             .collect();
-        json!({"modes": modes, "memory": memory, "vcpus": m.vcpu_count(), "last-update": self.last_update})
+        let vfio = self.passthrough.as_ref().map(Passthrough::info);
+        json!({"modes": modes, "memory": memory, "vcpus": m.vcpu_count(), "last-update": self.last_update, "vfio": vfio})
     }
 
     fn demo_status(&self) -> std::result::Result<Value, QmpError> {
@@ -566,12 +598,14 @@ impl Vmm {
         &mut self,
         mode: &str,
         waiting: Option<&Request>,
+        mut handover: Option<&mut FdRegistry>,
     ) -> Result<(Vec<u8>, bool, u64)> {
         let was_running = self.state == RunState::Running;
         let m = self
             .machine
             .as_ref()
             .ok_or_else(|| Error::State("no VM".into()))?;
+        let passthrough = &mut self.passthrough;
         let stop_ns = if was_running {
             m.pause(PAUSE_TIMEOUT)?
         } else {
@@ -601,6 +635,10 @@ impl Vmm {
                 w.write_section(i as u32, v)?;
             }
             w.write_section(0, &m.serial.state())?;
+            if let (Some(p), Some(reg)) = (passthrough.as_mut(), handover.as_deref_mut()) {
+                p.prepare()?;
+                p.hand_over(reg, &mut w)?;
+            }
             w.write_section(
                 0,
                 &CprSection {
@@ -622,6 +660,11 @@ impl Vmm {
         match encoded {
             Ok(bytes) => Ok((bytes, was_running, stop_ns)),
             Err(e) => {
+                if let Some(p) = passthrough.as_mut() {
+                    if let Err(undo) = p.abandon() {
+                        log::error!("VFIO: restoring host addresses failed: {undo}");
+                    }
+                }
                 if was_running {
                     m.resume();
                 }
@@ -650,6 +693,16 @@ impl Vmm {
         let path = string_arg("path")?;
         let binary = string_arg("binary")?;
         let warnings = self.machine()?.ram.check_mode(mode).map_err(q)?;
+        if let Some(p) = &self.passthrough {
+            match mode {
+                UpdateMode::Restart => p.check_restart().map_err(q)?,
+                _ => {
+                    return Err(q(format!(
+                        "{mode} update is not possible: the VFIO device would be reset when this process exits"
+                    )))
+                }
+            }
+        }
         match mode {
             UpdateMode::Restart => {
                 if path.is_some() {
@@ -683,14 +736,15 @@ impl Vmm {
                 .map_err(|e| q(format!("cannot find own executable: {e}")))?,
         };
         self.event("CPR", Some(json!({"mode": "restart", "status": "started"})));
-        let (bytes, was_running, stop_ns) =
-            self.stop_and_encode("restart", Some(req)).map_err(q)?;
+        let mut reg = FdRegistry::new();
+        let (bytes, was_running, stop_ns) = self
+            .stop_and_encode("restart", Some(req), Some(&mut reg))
+            .map_err(q)?;
         if !was_running {
             log::info!("restart of a paused VM: it stays paused");
         }
         let m = self.machine.as_mut().ok_or_else(|| q("no VM"))?;
         let failure = (|| -> Result<Error> {
-            let mut reg = FdRegistry::new();
             reg.register(
                 "state",
                 FdKind::STATE,
@@ -722,6 +776,13 @@ impl Vmm {
         })()
         .unwrap_or_else(|e| e);
         // Still here: the update failed and the old process carries on.
+        drop(reg);
+        if let Some(p) = self.passthrough.as_mut() {
+            if let Err(e) = p.abandon() {
+                log::error!("VFIO: restoring host addresses failed: {e}");
+            }
+        }
+        let m = self.machine.as_mut().ok_or_else(|| q("no VM"))?;
         m.serial.reenter_raw_mode();
         if was_running {
             m.resume();
@@ -746,7 +807,7 @@ impl Vmm {
             log::warn!("{w}");
         }
         self.event("CPR", Some(json!({"mode": "reboot", "status": "started"})));
-        let (bytes, was_running, _) = self.stop_and_encode("reboot", None).map_err(q)?;
+        let (bytes, was_running, _) = self.stop_and_encode("reboot", None, None).map_err(q)?;
         let written = save_to_path(path, |out| {
             std::io::Write::write_all(out, &bytes).map_err(|e| cpr_snapshot::Error::Io {
                 offset: 0,

@@ -500,3 +500,141 @@ fn inspect_reports_bad_files_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent"));
     let _ = Path::new("");
 }
+
+fn vfio_args(dir: &Dir, memory: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = args(dir, memory, 1);
+    a.extend(
+        ["--vfio-device", "/sys/bus/pci/devices/0000:01:00.0"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn vfio_device_follows_a_restart_without_reset() {
+    if !have_kvm() {
+        return;
+    }
+    for (tag, extra) in [
+        ("vfio-legacy", &["--vfio-model", "full"][..]),
+        (
+            "vfio-iommufd",
+            &["--vfio-model", "full", "--vfio-iommufd"][..],
+        ),
+    ] {
+        let dir = Dir::new(tag);
+        let mut vm = start(&dir, &vfio_args(&dir, "memfd", extra), "vmm.log");
+        let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+        let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
+        assert!(info["vfio"]["restart"].is_null(), "{tag}: {info}");
+        let s = vm.qmp.execute("x-vfio-status", json!({})).unwrap();
+        assert_eq!(
+            s,
+            json!({"resets": 0, "translates": true, "mappings": 1}),
+            "{tag}"
+        );
+
+        // A failed exec gives the old host addresses back.
+        assert!(vm
+            .qmp
+            .execute(
+                "cpr-save",
+                json!({"mode": "restart", "binary": "/nonexistent"})
+            )
+            .is_err());
+        let s = vm.qmp.execute("x-vfio-status", json!({})).unwrap();
+        assert_eq!(
+            s["translates"], true,
+            "{tag}: abandoned update restored the addresses"
+        );
+
+        vm.qmp
+            .execute("cpr-save", json!({"mode": "restart"}))
+            .unwrap();
+        let s = vm.qmp.execute("x-vfio-status", json!({})).unwrap();
+        assert_eq!(
+            s,
+            json!({"resets": 0, "translates": true, "mappings": 1}),
+            "{tag}: after restart"
+        );
+        let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
+        check_continuity(&before, &after).unwrap();
+
+        // Reboot would close the device: refused, guest running.
+        let e = vm
+            .qmp
+            .execute("cpr-save", json!({"mode": "reboot", "path": dir.p("st")}))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("VFIO") || e.to_string().contains("memfd"),
+            "{tag}: {e}"
+        );
+        quit(vm);
+    }
+}
+
+#[test]
+fn vfio_refusals_are_reported_and_the_guest_keeps_running() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Dir::new("vfio-refuse");
+    let mut vm = start(
+        &dir,
+        &vfio_args(&dir, "memfd", &["--vfio-model", "no-update-vaddr"]),
+        "vmm.log",
+    );
+    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
+    assert!(
+        info["vfio"]["restart"]
+            .as_str()
+            .unwrap()
+            .contains("VFIO_UPDATE_VADDR"),
+        "{info}"
+    );
+    let e = vm
+        .qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("VFIO_UPDATE_VADDR"), "{e}");
+    assert_eq!(
+        vm.qmp.execute("x-vfio-status", json!({})).unwrap()["translates"],
+        true
+    );
+    let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
+    check_continuity(&before, &after).unwrap();
+    quit(vm);
+
+    // iommufd with anonymous memory: mapped by address, so no handoff.
+    let dir = Dir::new("vfio-refuse-anon");
+    let mut vm = start(
+        &dir,
+        &vfio_args(&dir, "anon", &["--vfio-model", "full", "--vfio-iommufd"]),
+        "vmm.log",
+    );
+    let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
+    assert!(
+        info["vfio"]["restart"]
+            .as_str()
+            .unwrap()
+            .contains("not by file"),
+        "{info}"
+    );
+    quit(vm);
+
+    // Without /dev/vfio the real kernel path fails at start with a clear message.
+    if !Path::new("/dev/vfio/vfio").exists() {
+        let dir = Dir::new("vfio-real");
+        let out = std::process::Command::new(exe())
+            .arg("run")
+            .args(vfio_args(&dir, "memfd", &[]))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("VFIO") && err.contains("open"), "{err}");
+    }
+}
