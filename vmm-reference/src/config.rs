@@ -99,6 +99,8 @@ pub enum Incoming {
     File(PathBuf),
     /// Start paused and wait for `cpr-load` on the monitor.
     Defer,
+    /// Listen on this UNIX socket for a VM handed over by `cpr-save` mode transfer.
+    Transfer(PathBuf),
 }
 
 impl std::str::FromStr for Incoming {
@@ -106,7 +108,11 @@ impl std::str::FromStr for Incoming {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "defer" => Ok(Incoming::Defer),
-            "" => Err("--incoming needs a file or `defer`".into()),
+            "" => Err("--incoming needs a file, `defer` or `transfer:SOCKET`".into()),
+            t if t.starts_with("transfer:") => match &t["transfer:".len()..] {
+                "" => Err("--incoming transfer: needs a socket path".into()),
+                p => Ok(Incoming::Transfer(p.into())),
+            },
             p => Ok(Incoming::File(p.into())),
         }
     }
@@ -130,8 +136,8 @@ pub struct RunConfig {
     /// QMP monitor socket path.
     #[arg(long)]
     pub monitor: Option<PathBuf>,
-    /// Restore from a state file written by `cpr-save` mode reboot, or `defer` to wait for
-    /// `cpr-load`.
+    /// Restore from a state file written by `cpr-save` mode reboot, `defer` to wait for
+    /// `cpr-load`, or `transfer:SOCKET` to receive a running VM from `cpr-save` mode transfer.
     #[arg(long)]
     pub incoming: Option<Incoming>,
     /// Bytes of guest RAM the demo guest rewrites and verifies each generation.

@@ -161,6 +161,20 @@ impl Machine {
         })
     }
 
+    /// Replaces COM1 (before [`start`](Self::start)), e.g. when its fds arrive after the VM
+    /// was built.
+    pub fn replace_serial(
+        &mut self,
+        make_serial: impl FnOnce(EventFd) -> Result<SerialDevice>,
+    ) -> Result<()> {
+        let irq = self
+            ._serial_irq
+            .try_clone()
+            .map_err(|e| Error::Io(format!("eventfd: {e}")))?;
+        self.serial = make_serial(irq)?;
+        Ok(())
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpu_count

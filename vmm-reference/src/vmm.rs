@@ -5,8 +5,9 @@
 //! live updates (restart in place, reboot through a state file).
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read, Seek, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -30,6 +31,9 @@ use crate::ControlMsg;
 
 /// Name of the previous image's VM fd, closed by the new image once the guest runs.
 const RETIRED_VM: &str = "kvm.retired-vm";
+
+/// How long each side of a transfer waits for the other.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long vCPUs get to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +103,8 @@ pub enum Outcome {
     Quit,
     /// The state was saved for a reboot; the guest continues in a new process.
     SavedForReboot,
+    /// The VM was handed to another process, which runs it now.
+    Transferred,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +179,7 @@ impl Vmm {
                 let bytes = read_state_file(&path)?;
                 vmm.restore(&bytes, None)?;
             }
+            (None, Some(Incoming::Transfer(path))) => vmm.receive_transfer(&path)?,
             (None, Some(Incoming::Defer)) => {
                 vmm.bind_monitor()?;
                 vmm.state = RunState::Incoming;
@@ -278,7 +285,19 @@ impl Vmm {
     }
 
     /// Restores a VM from a state snapshot: memory from `fds` (restart) or paths (reboot).
-    fn restore(&mut self, bytes: &[u8], mut fds: Option<&mut FdRegistry>) -> Result<()> {
+    fn restore(&mut self, bytes: &[u8], fds: Option<&mut FdRegistry>) -> Result<()> {
+        self.restore_with(bytes, fds, None, None)
+    }
+
+    /// [`restore`](Self::restore), into a VM built beforehand (`precreated`, transfer), and
+    /// with a commit handshake before the vCPUs start (`commit`, transfer).
+    fn restore_with(
+        &mut self,
+        bytes: &[u8],
+        mut fds: Option<&mut FdRegistry>,
+        precreated: Option<Machine>,
+        commit: Option<&UnixStream>,
+    ) -> Result<()> {
         // The reference VMM reads every section it wrote; see `schema`.
         let mut phases: Vec<(&str, u64)> = vec![("start", self.started_ns)];
         let schema = schema();
@@ -300,6 +319,7 @@ impl Vmm {
         }
 
         let mut mem_fds: HashMap<String, OwnedFd> = match fds.as_deref_mut() {
+            _ if precreated.is_some() => HashMap::new(),
             Some(f) => f
                 .take_kind(FdKind::MEMORY)
                 .into_iter()
@@ -311,7 +331,19 @@ impl Vmm {
             }
         };
         phases.push(("decoded", monotonic_ns()));
-        let ram = GuestRam::reattach(&layout, &mut mem_fds, &MemoryOptions::default())?;
+        let ram = match &precreated {
+            Some(m) if m.ram.layout() != &layout || m.vcpu_count() != vcpu_count => {
+                return Err(Error::State(
+                    "the transferred state does not match the prepared VM".into(),
+                ))
+            }
+            Some(_) => None,
+            None => Some(GuestRam::reattach(
+                &layout,
+                &mut mem_fds,
+                &MemoryOptions::default(),
+            )?),
+        };
         phases.push(("memory", monotonic_ns()));
         for r in &layout.regions {
             if matches!(r.kind, BackendKind::Tmpfs | BackendKind::Hugetlbfs) {
@@ -324,10 +356,20 @@ impl Vmm {
             // After a reboot, the new command line says where output goes.
             None => self.config.serial.clone(),
         };
-        let mut machine = Machine::create(ram, vcpu_count, |irq| match fds.as_deref_mut() {
+        let make_serial = |irq, fds: Option<&mut FdRegistry>| match fds {
             Some(f) => SerialDevice::from_fds(&serial_cfg, f, &serial_state, irq),
             None => SerialDevice::new(&serial_cfg, Some(&serial_state), irq),
-        })?;
+        };
+        let mut machine = match (precreated, ram) {
+            (Some(mut m), _) => {
+                m.replace_serial(|irq| make_serial(irq, fds.as_deref_mut()))?;
+                m
+            }
+            (None, Some(ram)) => {
+                Machine::create(ram, vcpu_count, |irq| make_serial(irq, fds.as_deref_mut()))?
+            }
+            (None, None) => return Err(Error::State("no guest memory".into())),
+        };
         self.passthrough = match fds {
             Some(f) => Passthrough::take_over(&mut snap, f, &machine.ram)?,
             None if snap.contains::<cpr_vfio::LegacyState>(0)
@@ -349,6 +391,22 @@ impl Vmm {
         self.guest = cfg.guest.clone();
         self.config.vcpus = vcpu_count;
         self.config.serial = serial_cfg;
+        if let Some(sock) = commit {
+            // Tell the old VMM the VM is ready; run it only once it let go for good.
+            (&*sock)
+                .write_all(b"D")
+                .map_err(|e| Error::Io(format!("transfer: {e}")))?;
+            let mut c = [0u8; 1];
+            match (&*sock).read_exact(&mut c) {
+                Ok(()) if c == *b"C" => {}
+                _ => {
+                    return Err(Error::State(
+                        "the old VMM did not commit the transfer; it keeps the guest".into(),
+                    ))
+                }
+            }
+            phases.push(("committed", monotonic_ns()));
+        }
         if cpr.was_running {
             machine.start(self.tx.clone())?;
             self.state = RunState::Running;
@@ -397,6 +455,53 @@ impl Vmm {
             }
         }
         Ok(())
+    }
+
+    /// The new side of a transfer: waits for the old VMM on `path`, builds the VM from the
+    /// memory it sends while the guest still runs there, then restores the rest.
+    fn receive_transfer(&mut self, path: &Path) -> Result<()> {
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| Error::Io(format!("bind transfer socket `{}`: {e}", path.display())))?;
+        log::info!("waiting for a transfer on {}", path.display());
+        let (sock, _) = listener
+            .accept()
+            .map_err(|e| Error::Io(format!("accept transfer: {e}")))?;
+        let _ = std::fs::remove_file(path);
+        sock.set_read_timeout(Some(TRANSFER_TIMEOUT))
+            .map_err(|e| Error::Io(format!("transfer socket: {e}")))?;
+        // Phase 1: memory and configuration, while the guest runs in the old process.
+        let mut mem = FdRegistry::receive(&sock)?;
+        let prep = recv_blob(&sock)?;
+        let schema = schema();
+        let mut snap = Snapshot::read_from(prep.as_slice(), &schema)?;
+        let cfg: VmmConfigSection = snap.take(0)?;
+        let layout: MemoryLayout = snap.take(0)?;
+        let mut mem_fds: HashMap<String, OwnedFd> = mem
+            .take_kind(FdKind::MEMORY)
+            .into_iter()
+            .map(|e| (e.name().to_string(), e.into_fd()))
+            .collect();
+        let ram = GuestRam::reattach(&layout, &mut mem_fds, &MemoryOptions::default())?;
+        let machine = Machine::create(ram, cfg.vcpus as usize, |irq| {
+            SerialDevice::new(&SerialConfig::Null, None, irq)
+        })?;
+        log::info!("transfer: VM prepared, {} vCPUs", cfg.vcpus);
+        (&sock)
+            .write_all(b"R")
+            .map_err(|e| Error::Io(format!("transfer: {e}")))?;
+        // Phase 2: the old VMM stopped the guest; state and the remaining fds arrive.
+        let mut fds = FdRegistry::receive(&sock)?;
+        let bytes = recv_blob(&sock)?;
+        self.monitor = Monitor::from_fds(&mut fds, self.tx.clone())?;
+        if self.monitor.is_none() {
+            self.bind_monitor()?;
+        }
+        let restored = self.restore_with(&bytes, Some(&mut fds), Some(machine), Some(&sock));
+        if let Err(e) = &restored {
+            let _ = (&sock).write_all(format!("E{e}").as_bytes());
+        }
+        restored
     }
 
     /// After a reboot the command line must name the memory the state describes.
@@ -564,8 +669,6 @@ impl Vmm {
         let mut modes = Map::new();
         for mode in UpdateMode::ALL {
             let entry = match (mode, layout.check_mode(mode)) {
-                (UpdateMode::Transfer, Ok(_)) => json!({"supported": false,
-                    "reason": "transfer mode is not implemented by vmm-reference (the memory would allow it)"}),
                 (_, Ok(warnings)) => json!({"supported": true, "warnings": warnings}),
                 (_, Err(e)) => json!({"supported": false, "reason": e.to_string()}),
             };
@@ -676,7 +779,7 @@ impl Vmm {
     fn cpr_save(&mut self, req: &Request) -> std::result::Result<Option<Outcome>, QmpError> {
         let args = &req.arguments;
         for k in args.keys() {
-            if !["mode", "path", "binary"].contains(&k.as_str()) {
+            if !["mode", "path", "binary", "uri"].contains(&k.as_str()) {
                 return Err(q(format!("Parameter '{k}' is unexpected")));
             }
         }
@@ -717,9 +820,17 @@ impl Vmm {
                 }
                 self.cpr_reboot(req, &path, warnings).map(Some)
             }
-            UpdateMode::Transfer => Err(q(
-                "transfer mode is not implemented by vmm-reference; use restart or reboot",
-            )),
+            UpdateMode::Transfer => {
+                let uri = match args.get("uri") {
+                    Some(Value::String(s)) => s.clone(),
+                    _ => return Err(q("Parameter 'uri' is missing (unix:SOCKET of the new VMM)")),
+                };
+                let path = uri
+                    .strip_prefix("unix:")
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| q(format!("uri `{uri}`: only unix:PATH is supported")))?;
+                self.cpr_transfer(req, Path::new(path)).map(Some)
+            }
         }
     }
 
@@ -842,6 +953,115 @@ impl Vmm {
         Ok(Outcome::SavedForReboot)
     }
 
+    /// The old side of a transfer: hands the memory over while the guest runs, then stops
+    /// it, hands everything else over, and lets go once the new VMM restored the VM. Until it
+    /// commits, any failure resumes the guest here.
+    fn cpr_transfer(
+        &mut self,
+        req: &Request,
+        path: &Path,
+    ) -> std::result::Result<Outcome, QmpError> {
+        let io = |e: std::io::Error| Error::Io(format!("transfer: {e}"));
+        let sock = UnixStream::connect(path)
+            .map_err(|e| q(format!("connect to the new VMM at {}: {e}", path.display())))?;
+        sock.set_read_timeout(Some(TRANSFER_TIMEOUT)).map_err(q)?;
+        sock.set_write_timeout(Some(TRANSFER_TIMEOUT)).map_err(q)?;
+        // Phase 1, guest running: memory, so the new VMM builds its VM now.
+        (|| -> Result<()> {
+            let m = self
+                .machine
+                .as_ref()
+                .ok_or_else(|| Error::State("no VM".into()))?;
+            let mut mem = FdRegistry::new();
+            for (name, fd) in m.ram.memfds() {
+                let fd = fd.try_clone_to_owned().map_err(io)?;
+                mem.register(name, FdKind::MEMORY, fd, b"")?;
+            }
+            mem.send(&sock)?;
+            let schema = schema();
+            let mut w = SnapshotWriter::new(
+                Vec::new(),
+                &schema,
+                "vmm-reference",
+                env!("CARGO_PKG_VERSION"),
+                schema.latest_version(),
+            )?;
+            w.write_section(0, &self.config_section(m))?;
+            w.write_section(0, m.ram.layout())?;
+            send_blob(&sock, &w.finish()?)?;
+            let mut ready = [0u8; 1];
+            (&sock).read_exact(&mut ready).map_err(io)?;
+            if ready != *b"R" {
+                return Err(Error::State("the new VMM did not get ready".into()));
+            }
+            Ok(())
+        })()
+        .map_err(|e| q(format!("transfer refused before the guest stopped: {e}")))?;
+
+        // Phase 2: stop, hand over state and the remaining fds, wait for the new VMM.
+        self.event(
+            "CPR",
+            Some(json!({"mode": "transfer", "status": "started"})),
+        );
+        let mut reg = FdRegistry::new();
+        let (bytes, was_running, _) = self
+            .stop_and_encode("transfer", Some(req), Some(&mut reg))
+            .map_err(q)?;
+        let m = self.machine.as_ref().ok_or_else(|| q("no VM"))?;
+        let outcome = (|| -> Result<()> {
+            m.serial.register_fds(&mut reg)?;
+            if let Some(mon) = &self.monitor {
+                mon.register_fds(&mut reg)?;
+            }
+            reg.send(&sock)?;
+            send_blob(&sock, &bytes)?;
+            let mut answer = [0u8; 1];
+            (&sock).read_exact(&mut answer).map_err(io)?;
+            if answer != *b"D" {
+                let mut why = String::new();
+                let _ = (&sock).read_to_string(&mut why);
+                return Err(Error::State(format!(
+                    "the new VMM could not restore: {why}"
+                )));
+            }
+            // Past this byte the guest belongs to the new VMM: never resume it here.
+            (&sock).write_all(b"C").map_err(io)
+        })();
+        match outcome {
+            Ok(()) => {
+                log::info!("cpr transfer: the new VMM runs the guest; exiting");
+                Ok(Outcome::Transferred)
+            }
+            Err(e) => {
+                drop(reg);
+                if let Some(p) = self.passthrough.as_mut() {
+                    if let Err(undo) = p.abandon() {
+                        log::error!("VFIO: restoring host addresses failed: {undo}");
+                    }
+                }
+                if was_running {
+                    m.resume();
+                }
+                log::error!("cpr transfer failed, guest resumed: {e}");
+                self.event(
+                    "CPR",
+                    Some(json!({"mode": "transfer", "status": "failed", "error": e.to_string()})),
+                );
+                Err(q(format!(
+                    "transfer failed, the guest resumed in the old process: {e}"
+                )))
+            }
+        }
+    }
+
+    fn config_section(&self, m: &Machine) -> VmmConfigSection {
+        VmmConfigSection {
+            vcpus: m.vcpu_count() as u32,
+            guest: self.guest.clone(),
+            serial: serial_string(&self.config.serial),
+        }
+    }
+
     fn cpr_load(&mut self, args: &Map<String, Value>) -> std::result::Result<Value, QmpError> {
         if self.state != RunState::Incoming {
             return Err(q("cpr-load needs a VMM started with --incoming defer"));
@@ -863,6 +1083,35 @@ fn serial_string(cfg: &SerialConfig) -> String {
         SerialConfig::File(p) => format!("file:{}", p.display()),
         SerialConfig::Unix(p) => format!("unix:{}", p.display()),
     }
+}
+
+/// Sends a length-prefixed blob.
+fn send_blob(sock: &UnixStream, bytes: &[u8]) -> Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| Error::State("state too large".into()))?;
+    (&*sock)
+        .write_all(&len.to_le_bytes())
+        .and_then(|_| (&*sock).write_all(bytes))
+        .map_err(|e| Error::Io(format!("transfer: {e}")))
+}
+
+/// Receives a length-prefixed blob, capped at the state schema's limit.
+fn recv_blob(sock: &UnixStream) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    (&*sock)
+        .read_exact(&mut len)
+        .map_err(|e| Error::Io(format!("transfer: {e}")))?;
+    let len = u64::from(u32::from_le_bytes(len));
+    let limit = schema().limits().max_total;
+    if len > limit {
+        return Err(Error::State(format!(
+            "transferred state of {len} bytes exceeds {limit}"
+        )));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    (&*sock)
+        .read_exact(&mut bytes)
+        .map_err(|e| Error::Io(format!("transfer: {e}")))?;
+    Ok(bytes)
 }
 
 /// Reads a state file, capped at the schema's limit.

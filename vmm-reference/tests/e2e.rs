@@ -638,3 +638,125 @@ fn vfio_refusals_are_reported_and_the_guest_keeps_running() {
         assert!(err.contains("VFIO") && err.contains("open"), "{err}");
     }
 }
+
+#[test]
+fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Dir::new("transfer");
+    let mut old = start(&dir, &args(&dir, "memfd", 2), "old.log");
+    let before = wait_progress(&mut old.qmp, &boot_status(2), 2).unwrap();
+    let log = std::fs::File::create(dir.p("new.log")).unwrap();
+    let mut new_child = std::process::Command::new(exe())
+        .args([
+            "run",
+            "--incoming",
+            &format!("transfer:{}", dir.s("xfer.sock")),
+            "--log-level",
+            "debug",
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Wait for the new VMM's socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !dir.p("xfer.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new VMM never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = old
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
+        )
+        .unwrap();
+    assert_eq!(r["mode"], "transfer");
+    assert!(r["blackout-us"].as_u64().unwrap() > 0);
+    assert_eq!(
+        wait_exit(&mut old.child, Duration::from_secs(60)).unwrap(),
+        0,
+        "the old VMM exits"
+    );
+    // Same client connection, now served by the new process.
+    let after = wait_progress(&mut old.qmp, &before, 2).unwrap();
+    check_continuity(&before, &after).unwrap();
+    assert_ne!(after.pid, before.pid);
+    assert_eq!(after.pid, u64::from(new_child.id()));
+    old.qmp.execute("quit", json!({})).unwrap();
+    assert_eq!(
+        wait_exit(&mut new_child, Duration::from_secs(60)).unwrap(),
+        0
+    );
+    assert!(serial_lines(&dir) >= after.lines);
+}
+
+#[test]
+fn failed_transfers_leave_the_guest_in_the_old_process() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Dir::new("transfer-fail");
+    let mut vm = start(&dir, &args(&dir, "memfd", 1), "vmm.log");
+    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+
+    // Nobody listening.
+    let e = vm
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("nobody.sock"))}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("connect"), "{e}");
+    let e = vm
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": "tcp:1.2.3.4:5"}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("unix:"), "{e}");
+
+    // A peer that takes everything, then refuses to restore.
+    let listener = std::os::unix::net::UnixListener::bind(dir.p("peer.sock")).unwrap();
+    let peer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let blob = |s: &mut std::os::unix::net::UnixStream| {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut b = vec![0u8; u32::from_le_bytes(len) as usize];
+            s.read_exact(&mut b).unwrap();
+        };
+        let mem = cpr_fd::FdRegistry::receive(&s).unwrap();
+        assert!(mem.get("guest-ram.0").is_some());
+        blob(&mut s);
+        s.write_all(b"R").unwrap();
+        let rest = cpr_fd::FdRegistry::receive(&s).unwrap();
+        assert!(rest.get("monitor.listener").is_some());
+        blob(&mut s);
+        s.write_all(b"Eno thanks").unwrap();
+    });
+    let e = vm
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("peer.sock"))}),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("no thanks") && e.to_string().contains("resumed"),
+        "{e}"
+    );
+    peer.join().unwrap();
+    let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
+    check_continuity(&before, &after).unwrap();
+    assert_eq!(after.pid, before.pid);
+    quit(vm);
+}
