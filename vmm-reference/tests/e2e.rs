@@ -760,3 +760,63 @@ fn failed_transfers_leave_the_guest_in_the_old_process() {
     assert_eq!(after.pid, before.pid);
     quit(vm);
 }
+
+/// termios of a terminal fd: whether canonical mode and echo are on.
+fn cooked(fd: i32) -> bool {
+    let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
+    // SAFETY: tcgetattr fills the termios we pass.
+    assert_eq!(unsafe { libc::tcgetattr(fd, t.as_mut_ptr()) }, 0);
+    // SAFETY: initialised by tcgetattr.
+    let t = unsafe { t.assume_init() };
+    t.c_lflag & (libc::ICANON | libc::ECHO) == (libc::ICANON | libc::ECHO)
+}
+
+#[test]
+fn a_terminal_is_raw_while_running_and_restored_across_restart_and_exit() {
+    if !have_kvm() {
+        return;
+    }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds; the other arguments may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: both fds were just opened for us.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    use std::os::fd::AsRawFd;
+    assert!(cooked(slave.as_raw_fd()), "a new pty starts cooked");
+    let dir = Dir::new("tty");
+    let mut a = args(&dir, "memfd", 1);
+    // Serial on stdout (the log file), stdin on the terminal.
+    let i = a.iter().position(|x| x == "--serial").unwrap();
+    a[i + 1] = "stdout".into();
+    let log = std::fs::File::create(dir.p("vmm.log")).unwrap();
+    let child = std::process::Command::new(exe())
+        .arg("run")
+        .args(&a)
+        .stdin(std::fs::File::from(slave.try_clone().unwrap()))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let qmp = QmpClient::connect(&dir.p("qmp.sock"), Duration::from_secs(60)).unwrap();
+    let mut vm = Vm { child, qmp };
+    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    assert!(!cooked(slave.as_raw_fd()), "raw while the VMM runs");
+    vm.qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap();
+    wait_progress(&mut vm.qmp, &before, 1).unwrap();
+    assert!(!cooked(slave.as_raw_fd()), "raw again in the new image");
+    quit(vm);
+    assert!(cooked(slave.as_raw_fd()), "restored when the VMM exits");
+    drop(master);
+}
