@@ -888,24 +888,36 @@ impl Vmm {
         .unwrap_or_else(|e| e);
         // Still here: the update failed and the old process carries on.
         drop(reg);
+        Err(self.resume_after_failed_update("restart", was_running, &failure))
+    }
+
+    /// An update failed before the new VMM took over: give VFIO mappings their addresses
+    /// back, put the terminal back into raw mode, resume the vCPUs, report.
+    fn resume_after_failed_update(
+        &mut self,
+        mode: &str,
+        was_running: bool,
+        failure: &dyn std::fmt::Display,
+    ) -> QmpError {
         if let Some(p) = self.passthrough.as_mut() {
             if let Err(e) = p.abandon() {
                 log::error!("VFIO: restoring host addresses failed: {e}");
             }
         }
-        let m = self.machine.as_mut().ok_or_else(|| q("no VM"))?;
-        m.serial.reenter_raw_mode();
-        if was_running {
-            m.resume();
+        if let Some(m) = self.machine.as_mut() {
+            m.serial.reenter_raw_mode();
+            if was_running {
+                m.resume();
+            }
         }
-        log::error!("cpr restart failed, guest resumed: {failure}");
+        log::error!("cpr {mode} failed, guest resumed: {failure}");
         self.event(
             "CPR",
-            Some(json!({"mode": "restart", "status": "failed", "error": failure.to_string()})),
+            Some(json!({"mode": mode, "status": "failed", "error": failure.to_string()})),
         );
-        Err(q(format!(
-            "restart failed, the guest resumed in the old process: {failure}"
-        )))
+        q(format!(
+            "{mode} failed, the guest resumed in the old process: {failure}"
+        ))
     }
 
     fn cpr_reboot(
@@ -1034,22 +1046,7 @@ impl Vmm {
             }
             Err(e) => {
                 drop(reg);
-                if let Some(p) = self.passthrough.as_mut() {
-                    if let Err(undo) = p.abandon() {
-                        log::error!("VFIO: restoring host addresses failed: {undo}");
-                    }
-                }
-                if was_running {
-                    m.resume();
-                }
-                log::error!("cpr transfer failed, guest resumed: {e}");
-                self.event(
-                    "CPR",
-                    Some(json!({"mode": "transfer", "status": "failed", "error": e.to_string()})),
-                );
-                Err(q(format!(
-                    "transfer failed, the guest resumed in the old process: {e}"
-                )))
+                Err(self.resume_after_failed_update("transfer", was_running, &e))
             }
         }
     }

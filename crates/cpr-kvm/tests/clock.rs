@@ -4,23 +4,18 @@
 //! Guest time across a pause: with `ClockPolicy::Frozen` kvmclock resumes from the value it
 //! had at capture (the outage is hidden); with `ClockPolicy::Advance` it includes the outage.
 
+mod common;
+
 use std::time::Duration;
 
 use cpr_kvm::{
     capture_vcpu, capture_vm, restore_vcpu, restore_vm, ClockPolicy, HostCaps, MSR_IA32_TSC,
 };
-use kvm_bindings::{kvm_msr_entry, kvm_pit_config, Msrs, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 fn vm(kvm: &Kvm) -> (VmFd, VcpuFd) {
-    let vm = kvm.create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    vm.create_irq_chip().unwrap();
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .unwrap();
+    let vm = common::bare_vm(kvm);
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu.set_cpuid2(
         &kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)

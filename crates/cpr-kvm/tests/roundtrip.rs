@@ -7,6 +7,8 @@
 //!
 //! Skips, saying so, when /dev/kvm is absent.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +19,7 @@ use cpr_kvm::{
 };
 use cpr_memory::{GuestRam, MemoryLayout, MemoryOptions, RegionSpec};
 use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -86,14 +88,7 @@ fn kvm_or_skip() -> Option<Kvm> {
 }
 
 fn new_vm(kvm: &Kvm, ram: &GuestRam) -> (VmFd, VcpuFd) {
-    let vm = kvm.create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    vm.create_irq_chip().unwrap();
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .unwrap();
+    let vm = common::bare_vm(kvm);
     let (ptr, len) = ram.host_range(0).unwrap();
     let region = kvm_userspace_memory_region {
         slot: 0,
