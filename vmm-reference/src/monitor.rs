@@ -197,6 +197,26 @@ pub fn parse_command(v: Value) -> std::result::Result<ParsedCommand, (QmpError, 
     Ok((command, arguments, id))
 }
 
+/// Runs monitor input through the same splitting, JSON parsing and command checks as a
+/// connection does, without a VMM (for the fuzzer and its seed replay). Returns the number of
+/// well-formed commands.
+#[doc(hidden)]
+pub fn fuzz_input(data: &[u8]) -> usize {
+    let mut splitter = Splitter::default();
+    let mut commands = 0;
+    // Feed in uneven pieces, as a socket would deliver them.
+    for chunk in data.chunks(7) {
+        for piece in splitter.push(chunk) {
+            if let Piece::Message(text) = piece {
+                if let Ok(v) = serde_json::from_slice::<Value>(&text) {
+                    commands += usize::from(parse_command(v).is_ok());
+                }
+            }
+        }
+    }
+    commands
+}
+
 impl Monitor {
     /// Listens on `path` (replacing a stale socket file).
     pub fn bind(path: &Path, tx: Sender<ControlMsg>) -> Result<Monitor> {
