@@ -134,7 +134,7 @@ impl Passthrough {
         json!({"path": s.path, "restart": s.restart.err(), "transfer": s.transfer.err(), "model-kernel": self.model.is_some()})
     }
 
-    /// Refuses, before anything stops, an update the device cannot follow.
+    /// Refuses, before anything stops, a restart or transfer the device cannot follow.
     pub fn check_restart(&self) -> Result<()> {
         match &self.dev {
             Dev::Legacy(d) => d.check_update(self.kernel.as_ref()),

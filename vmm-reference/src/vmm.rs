@@ -798,7 +798,7 @@ impl Vmm {
         let warnings = self.machine()?.ram.check_mode(mode).map_err(q)?;
         if let Some(p) = &self.passthrough {
             match mode {
-                UpdateMode::Restart => p.check_restart().map_err(q)?,
+                UpdateMode::Restart | UpdateMode::Transfer => p.check_restart().map_err(q)?,
                 _ => {
                     return Err(q(format!(
                         "{mode} update is not possible: the VFIO device would be reset when this process exits"

@@ -571,7 +571,50 @@ fn vfio_device_follows_a_restart_without_reset() {
             e.to_string().contains("VFIO") || e.to_string().contains("memfd"),
             "{tag}: {e}"
         );
-        quit(vm);
+
+        // Transfer to a new process keeps the device too.
+        let log = std::fs::File::create(dir.p("new.log")).unwrap();
+        let mut new_child = std::process::Command::new(exe())
+            .args([
+                "run",
+                "--incoming",
+                &format!("transfer:{}", dir.s("xfer.sock")),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dir.p("xfer.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{tag}: the new VMM never listened"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vm.qmp
+            .execute(
+                "cpr-save",
+                json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
+            )
+            .unwrap();
+        assert_eq!(
+            wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
+            0
+        );
+        let s = vm.qmp.execute("x-vfio-status", json!({})).unwrap();
+        assert_eq!(
+            s,
+            json!({"resets": 0, "translates": true, "mappings": 1}),
+            "{tag}: after transfer"
+        );
+        let moved = wait_progress(&mut vm.qmp, &after, 1).unwrap();
+        assert_eq!(moved.pid, u64::from(new_child.id()));
+        vm.qmp.execute("quit", json!({})).unwrap();
+        assert_eq!(
+            wait_exit(&mut new_child, Duration::from_secs(60)).unwrap(),
+            0
+        );
     }
 }
 

@@ -95,6 +95,53 @@ impl VfioDeviceState {
     }
 }
 
+impl VfioDeviceState {
+    /// Registers duplicates of the eventfds of every route under their stable names
+    /// (`VectorRoute::eventfd`), for the next image.
+    pub fn register_eventfds(
+        &self,
+        reg: &mut cpr_fd::FdRegistry,
+        eventfds: &HashMap<String, EventFd>,
+    ) -> Result<()> {
+        use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+        for r in &self.routes {
+            let ev = eventfds
+                .get(&r.eventfd)
+                .ok_or_else(|| Error::MissingFd(r.eventfd.clone()))?;
+            let dup = ev.try_clone().map_err(|e| Error::Kernel {
+                op: "dup eventfd",
+                source: e,
+            })?;
+            // SAFETY: into_raw_fd gives up the new duplicate's ownership to the OwnedFd.
+            let owned = unsafe { OwnedFd::from_raw_fd(dup.into_raw_fd()) };
+            reg.register(
+                &r.eventfd,
+                cpr_fd::FdKind::EVENTFD,
+                owned,
+                &r.vector.to_le_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Takes the routes' eventfds back from handed-over fds.
+    pub fn take_eventfds(&self, reg: &mut cpr_fd::FdRegistry) -> Result<HashMap<String, EventFd>> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let mut out = HashMap::new();
+        for r in &self.routes {
+            let e = reg
+                .take(&r.eventfd)
+                .ok_or_else(|| Error::MissingFd(r.eventfd.clone()))?;
+            // SAFETY: the registry owned this fd (an eventfd, registered by
+            // `register_eventfds` and identity-checked by cpr-fd); into_raw_fd hands the
+            // ownership to the EventFd.
+            let ev = unsafe { EventFd::from_raw_fd(e.into_fd().into_raw_fd()) };
+            out.insert(r.eventfd.clone(), ev);
+        }
+        Ok(out)
+    }
+}
+
 fn irqchip_route(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,

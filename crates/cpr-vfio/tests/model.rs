@@ -358,6 +358,21 @@ fn eventfds_are_reattached_to_a_new_kvm_vm() {
             )
         })
         .collect();
+    // The eventfds cross the update through cpr-fd under their stable names.
+    let mut reg = FdRegistry::new();
+    state.register_eventfds(&mut reg, &fds).unwrap();
+    assert_eq!(
+        reg.get("vfio.msix.1").unwrap().metadata(),
+        1u32.to_le_bytes()
+    );
+    let carried = state.take_eventfds(&mut reg).unwrap();
+    assert!(reg.is_empty());
+    carried["vfio.msix.0"].write(5).unwrap();
+    assert_eq!(
+        fds["vfio.msix.0"].read().unwrap(),
+        5,
+        "the same eventfd object"
+    );
     attach_irqfds(&vm, &state, &fds).unwrap();
     // Registered: the same eventfd on the same GSI is refused as busy.
     let e = vm.register_irqfd(&fds["vfio.msix.0"], 24).unwrap_err();
