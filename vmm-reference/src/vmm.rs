@@ -186,8 +186,9 @@ impl Vmm {
                 log::info!("waiting for cpr-load on the monitor");
             }
             (None, None) => {
-                vmm.bind_monitor()?;
+                // Monitor last: once it answers, the VM and its devices exist.
                 vmm.boot()?;
+                vmm.bind_monitor()?;
             }
         }
         Ok(vmm)
