@@ -214,6 +214,29 @@ pub fn spawn(exe: &Path, args: &[String], monitor: &Path, log: &Path) -> Check<V
     Ok(Vm { child, qmp })
 }
 
+/// Starts `vmm-reference run --incoming transfer:SOCK` (logging to `log`) and waits until it
+/// listens.
+pub fn spawn_transfer_target(exe: &Path, sock: &Path, log: &Path) -> Check<Child> {
+    let log = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let mut child = Command::new(exe)
+        .args(["run", "--incoming", &format!("transfer:{}", sock.display())])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", exe.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sock.exists() {
+        if Instant::now() > deadline || child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("the new VMM did not listen for the transfer".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
 /// Waits for a child to exit within `timeout`; returns its exit code.
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> Check<i32> {
     let start = Instant::now();
@@ -314,26 +337,7 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
 
     println!("== transfer: hand the running VM to a new VMM process");
     let sock = p("xfer.sock");
-    let log = std::fs::File::create(p("vmm-transfer.log")).map_err(|e| e.to_string())?;
-    let mut new_child = Command::new(exe)
-        .args([
-            "run",
-            "--incoming",
-            &format!("transfer:{}", s(sock.clone())),
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !sock.exists() {
-        if Instant::now() > deadline {
-            let _ = new_child.kill();
-            return Err("the new VMM did not listen for the transfer".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut new_child = spawn_transfer_target(exe, &sock, &p("vmm-transfer.log"))?;
     let r = vm
         .qmp
         .execute(

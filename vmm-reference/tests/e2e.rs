@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vmm_reference::demo::{
-    check_continuity, check_serial, spawn, status, wait_exit, wait_progress, Status, Vm,
+    check_continuity, check_serial, spawn, spawn_transfer_target, status, wait_exit, wait_progress,
+    Status, Vm,
 };
 use vmm_reference::qmp_client::{ClientError, QmpClient};
 
@@ -591,25 +592,8 @@ fn vfio_device_follows_a_restart_without_reset() {
         );
 
         // Transfer to a new process keeps the device too.
-        let log = std::fs::File::create(dir.p("new.log")).unwrap();
-        let mut new_child = std::process::Command::new(exe())
-            .args([
-                "run",
-                "--incoming",
-                &format!("transfer:{}", dir.s("xfer.sock")),
-            ])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !dir.p("xfer.sock").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{tag}: the new VMM never listened"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut new_child =
+            spawn_transfer_target(&exe(), &dir.p("xfer.sock"), &dir.p("new.log")).unwrap();
         vm.qmp
             .execute(
                 "cpr-save",
@@ -708,28 +692,8 @@ fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
     let dir = Dir::new("transfer");
     let mut old = start(&dir, &args(&dir, "memfd", 2), "old.log");
     let before = wait_progress(&mut old.qmp, &boot_status(2), 2).unwrap();
-    let log = std::fs::File::create(dir.p("new.log")).unwrap();
-    let mut new_child = std::process::Command::new(exe())
-        .args([
-            "run",
-            "--incoming",
-            &format!("transfer:{}", dir.s("xfer.sock")),
-            "--log-level",
-            "debug",
-        ])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    // Wait for the new VMM's socket.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !dir.p("xfer.sock").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new VMM never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut new_child =
+        spawn_transfer_target(&exe(), &dir.p("xfer.sock"), &dir.p("new.log")).unwrap();
     let r = old
         .qmp
         .execute(
