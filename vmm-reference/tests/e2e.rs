@@ -15,6 +15,22 @@ use vmm_reference::demo::{
 };
 use vmm_reference::qmp_client::{ClientError, QmpClient};
 
+/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
+/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
+/// through a new handle on `/dev/stderr`.
+macro_rules! skipped {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
+        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+            Ok(mut tty) => {
+                let _ = tty.write_all(msg.as_bytes());
+            }
+            Err(_) => eprint!("{msg}"),
+        }
+    }};
+}
+
 fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmm-reference"))
 }
@@ -26,7 +42,7 @@ fn have_kvm() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this machine");
+        skipped!("/dev/kvm is not available on this machine");
     }
     ok
 }

@@ -15,10 +15,26 @@ use serde_json::json;
 use vmm_reference::demo::wait_exit;
 use vmm_reference::qmp_client::QmpClient;
 
+/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
+/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
+/// through a new handle on `/dev/stderr`.
+macro_rules! skipped {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
+        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+            Ok(mut tty) => {
+                let _ = tty.write_all(msg.as_bytes());
+            }
+            Err(_) => eprint!("{msg}"),
+        }
+    }};
+}
+
 #[test]
 fn kernel_prints_its_first_console_lines() {
     let Some(kernel) = std::env::var_os("CPR_TEST_KERNEL").map(PathBuf::from) else {
-        eprintln!("SKIPPED: set CPR_TEST_KERNEL to a bzImage or vmlinux to test Linux booting");
+        skipped!("set CPR_TEST_KERNEL to a bzImage or vmlinux to test Linux booting");
         return;
     };
     if std::fs::OpenOptions::new()
@@ -27,7 +43,7 @@ fn kernel_prints_its_first_console_lines() {
         .open("/dev/kvm")
         .is_err()
     {
-        eprintln!("SKIPPED: /dev/kvm is not available");
+        skipped!("/dev/kvm is not available");
         return;
     }
     let dir = std::env::temp_dir().join(format!("cpr-linux-{}", std::process::id()));

@@ -14,6 +14,22 @@ use cpr_kvm::{
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
+/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
+/// through a new handle on `/dev/stderr`.
+macro_rules! skipped {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
+        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+            Ok(mut tty) => {
+                let _ = tty.write_all(msg.as_bytes());
+            }
+            Err(_) => eprint!("{msg}"),
+        }
+    }};
+}
+
 fn vm(kvm: &Kvm) -> (VmFd, VcpuFd) {
     let vm = common::bare_vm(kvm);
     let vcpu = vm.create_vcpu(0).unwrap();
@@ -38,7 +54,7 @@ fn tsc(vcpu: &VcpuFd) -> u64 {
 #[test]
 fn kvmclock_hides_or_shows_the_outage_as_asked() {
     let Ok(kvm) = Kvm::new() else {
-        eprintln!("SKIPPED: /dev/kvm is not usable here");
+        skipped!("/dev/kvm is not usable here");
         return;
     };
     let caps = HostCaps::probe(&kvm).unwrap();

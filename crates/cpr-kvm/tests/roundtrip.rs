@@ -23,6 +23,22 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
+/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
+/// through a new handle on `/dev/stderr`.
+macro_rules! skipped {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
+        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+            Ok(mut tty) => {
+                let _ = tty.write_all(msg.as_bytes());
+            }
+            Err(_) => eprint!("{msg}"),
+        }
+    }};
+}
+
 // A real-mode guest: acc = (3*acc + i) ^ mem[0x3000]; mem[0x3000] = acc, for i in 0..4096;
 // reports progress (i) on port 0x10 every 64 iterations and the result on port 0x11, then spins.
 std::arch::global_asm!(
@@ -81,7 +97,7 @@ fn kvm_or_skip() -> Option<Kvm> {
     match Kvm::new() {
         Ok(k) => Some(k),
         Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm is not usable here ({e})");
+            skipped!("/dev/kvm is not usable here ({e})");
             None
         }
     }

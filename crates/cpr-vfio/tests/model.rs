@@ -15,6 +15,22 @@ use cpr_vfio::{
     VfioDeviceState, VfioKernel,
 };
 
+/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
+/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
+/// through a new handle on `/dev/stderr`.
+macro_rules! skipped {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
+        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+            Ok(mut tty) => {
+                let _ = tty.write_all(msg.as_bytes());
+            }
+            Err(_) => eprint!("{msg}"),
+        }
+    }};
+}
+
 const SYSFS: &str = "/sys/bus/pci/devices/0000:01:00.0";
 const MIB: u64 = 1 << 20;
 
@@ -342,7 +358,7 @@ fn device_state_is_validated() {
 #[test]
 fn eventfds_are_reattached_to_a_new_kvm_vm() {
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-        eprintln!("SKIPPED: /dev/kvm is not usable here");
+        skipped!("/dev/kvm is not usable here");
         return;
     };
     let vm = kvm.create_vm().unwrap();

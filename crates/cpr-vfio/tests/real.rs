@@ -13,17 +13,31 @@ use std::path::PathBuf;
 use cpr_memory::{GuestRam, MemoryOptions, RegionSpec};
 use cpr_vfio::{Backing, DmaMapping, IommufdDevice, LegacyDevice, RealKernel};
 
+/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
+/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
+/// through a new handle on `/dev/stderr`.
+macro_rules! skipped {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
+        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+            Ok(mut tty) => {
+                let _ = tty.write_all(msg.as_bytes());
+            }
+            Err(_) => eprint!("{msg}"),
+        }
+    }};
+}
+
 const SIZE: u64 = 4 << 20;
 
 fn device() -> Option<PathBuf> {
     let Some(dev) = std::env::var_os("CPR_VFIO_DEVICE").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: set CPR_VFIO_DEVICE=/sys/bus/pci/devices/... to run against a real device"
-        );
+        skipped!("set CPR_VFIO_DEVICE=/sys/bus/pci/devices/... to run against a real device");
         return None;
     };
     if !std::path::Path::new("/dev/vfio/vfio").exists() {
-        eprintln!("SKIPPED: /dev/vfio/vfio does not exist");
+        skipped!("/dev/vfio/vfio does not exist");
         return None;
     }
     Some(dev)
@@ -77,7 +91,7 @@ fn legacy_container_vaddr_update_on_real_hardware() {
 fn iommufd_change_process_on_real_hardware() {
     let Some(sysfs) = device() else { return };
     if !std::path::Path::new("/dev/iommu").exists() {
-        eprintln!("SKIPPED: /dev/iommu does not exist");
+        skipped!("/dev/iommu does not exist");
         return;
     }
     let k = RealKernel;
