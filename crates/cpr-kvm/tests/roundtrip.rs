@@ -25,14 +25,15 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// Says that a test skipped, on the terminal or CI log: libtest captures what passing
 /// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// through a new handle on `/dev/stderr`.
+/// to a duplicate of fd 2.
 macro_rules! skipped {
     ($($t:tt)*) => {{
         use std::io::Write as _;
         let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
-            Ok(mut tty) => {
-                let _ = tty.write_all(msg.as_bytes());
+        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
+        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+            Ok(fd) => {
+                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
             }
             Err(_) => eprint!("{msg}"),
         }
