@@ -237,6 +237,20 @@ pub fn spawn_transfer_target(exe: &Path, sock: &Path, log: &Path) -> Check<Child
     Ok(child)
 }
 
+/// Says that a test skipped, visibly: libtest captures what passing tests print (even
+/// through `io::stderr()`), so this writes to a duplicate of fd 2, which shares its file
+/// offset and escapes the capture.
+pub fn skipped(msg: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let msg = format!("SKIPPED: {msg}\n");
+    match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        Ok(fd) => {
+            let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
+        }
+        Err(_) => eprint!("{msg}"),
+    }
+}
+
 /// Waits for a child to exit within `timeout`; returns its exit code.
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> Check<i32> {
     let start = Instant::now();

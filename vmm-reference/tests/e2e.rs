@@ -15,23 +15,6 @@ use vmm_reference::demo::{
 };
 use vmm_reference::qmp_client::{ClientError, QmpClient};
 
-/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
-/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// to a duplicate of fd 2.
-macro_rules! skipped {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
-        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            Ok(fd) => {
-                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
-            }
-            Err(_) => eprint!("{msg}"),
-        }
-    }};
-}
-
 fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmm-reference"))
 }
@@ -43,7 +26,7 @@ fn have_kvm() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        skipped!("/dev/kvm is not available on this machine");
+        vmm_reference::demo::skipped("/dev/kvm is not available on this machine");
     }
     ok
 }
@@ -101,6 +84,18 @@ fn args(dir: &Dir, memory: &str, vcpus: u32) -> Vec<String> {
 
 fn start(dir: &Dir, args: &[String], log: &str) -> Vm {
     spawn(&exe(), args, &dir.p("qmp.sock"), &dir.p(log)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Skips (saying so) without /dev/kvm; otherwise starts a VMM with `memory` and `vcpus` and
+/// waits until the guest printed `lines` lines.
+fn boot(tag: &str, memory: &str, vcpus: u32, lines: u64) -> Option<(Dir, Vm, Status)> {
+    if !have_kvm() {
+        return None;
+    }
+    let dir = Dir::new(tag);
+    let mut vm = start(&dir, &args(&dir, memory, vcpus), "vmm.log");
+    let before = wait_progress(&mut vm.qmp, &boot_status(vcpus as usize), lines).unwrap();
+    Some((dir, vm, before))
 }
 
 fn boot_status(vcpus: usize) -> Status {
@@ -165,12 +160,9 @@ fn fd_kinds(pid: u64) -> BTreeMap<String, usize> {
 
 #[test]
 fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
-    if !have_kvm() {
+    let Some((dir, mut vm, before)) = boot("restart", "memfd", 2, 2) else {
         return;
-    }
-    let dir = Dir::new("restart");
-    let mut vm = start(&dir, &args(&dir, "memfd", 2), "vmm.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(2), 2).unwrap();
+    };
     let fds_before = fd_kinds(before.pid);
     let mut prev = before.clone();
     for i in 0..2 {
@@ -209,12 +201,9 @@ fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
 
 #[test]
 fn failed_exec_leaves_the_guest_running_in_the_old_process() {
-    if !have_kvm() {
+    let Some((dir, mut vm, before)) = boot("badexec", "memfd", 1, 1) else {
         return;
-    }
-    let dir = Dir::new("badexec");
-    let mut vm = start(&dir, &args(&dir, "memfd", 1), "vmm.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    };
     let fds_before = fd_kinds(before.pid);
     let err = vm
         .qmp
@@ -385,12 +374,9 @@ fn corrupt_or_truncated_state_is_refused_and_memory_left_untouched() {
 
 #[test]
 fn anonymous_memory_refuses_every_update_and_keeps_running() {
-    if !have_kvm() {
+    let Some((dir, mut vm, before)) = boot("anon", "anon", 1, 1) else {
         return;
-    }
-    let dir = Dir::new("anon");
-    let mut vm = start(&dir, &args(&dir, "anon", 1), "vmm.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    };
     let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
     for mode in ["restart", "reboot", "transfer"] {
         assert_eq!(info["modes"][mode]["supported"], false, "{info}");
@@ -412,12 +398,9 @@ fn anonymous_memory_refuses_every_update_and_keeps_running() {
 
 #[test]
 fn malformed_monitor_input_gets_qmp_errors_and_the_vm_keeps_running() {
-    if !have_kvm() {
+    let Some((dir, mut vm, before)) = boot("qmp", "memfd", 1, 1) else {
         return;
-    }
-    let dir = Dir::new("qmp");
-    let mut vm = start(&dir, &args(&dir, "memfd", 1), "vmm.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    };
 
     // A second client that has not negotiated.
     let mut raw = QmpClient::connect_raw(&dir.p("qmp.sock"), Duration::from_secs(10)).unwrap();
@@ -740,12 +723,9 @@ fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
 
 #[test]
 fn failed_transfers_leave_the_guest_in_the_old_process() {
-    if !have_kvm() {
+    let Some((dir, mut vm, before)) = boot("transfer-fail", "memfd", 1, 1) else {
         return;
-    }
-    let dir = Dir::new("transfer-fail");
-    let mut vm = start(&dir, &args(&dir, "memfd", 1), "vmm.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    };
 
     // Nobody listening.
     let e = vm

@@ -15,27 +15,12 @@ use serde_json::json;
 use vmm_reference::demo::wait_exit;
 use vmm_reference::qmp_client::QmpClient;
 
-/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
-/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// to a duplicate of fd 2.
-macro_rules! skipped {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
-        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            Ok(fd) => {
-                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
-            }
-            Err(_) => eprint!("{msg}"),
-        }
-    }};
-}
-
 #[test]
 fn kernel_prints_its_first_console_lines() {
     let Some(kernel) = std::env::var_os("CPR_TEST_KERNEL").map(PathBuf::from) else {
-        skipped!("set CPR_TEST_KERNEL to a bzImage or vmlinux to test Linux booting");
+        vmm_reference::demo::skipped(
+            "set CPR_TEST_KERNEL to a bzImage or vmlinux to test Linux booting",
+        );
         return;
     };
     if std::fs::OpenOptions::new()
@@ -44,7 +29,7 @@ fn kernel_prints_its_first_console_lines() {
         .open("/dev/kvm")
         .is_err()
     {
-        skipped!("/dev/kvm is not available");
+        vmm_reference::demo::skipped("/dev/kvm is not available");
         return;
     }
     let dir = std::env::temp_dir().join(format!("cpr-linux-{}", std::process::id()));

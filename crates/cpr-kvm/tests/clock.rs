@@ -14,23 +14,6 @@ use cpr_kvm::{
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
-/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// to a duplicate of fd 2.
-macro_rules! skipped {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
-        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            Ok(fd) => {
-                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
-            }
-            Err(_) => eprint!("{msg}"),
-        }
-    }};
-}
-
 fn vm(kvm: &Kvm) -> (VmFd, VcpuFd) {
     let vm = common::bare_vm(kvm);
     let vcpu = vm.create_vcpu(0).unwrap();
@@ -55,7 +38,7 @@ fn tsc(vcpu: &VcpuFd) -> u64 {
 #[test]
 fn kvmclock_hides_or_shows_the_outage_as_asked() {
     let Ok(kvm) = Kvm::new() else {
-        skipped!("/dev/kvm is not usable here");
+        common::skipped("/dev/kvm is not usable here");
         return;
     };
     let caps = HostCaps::probe(&kvm).unwrap();

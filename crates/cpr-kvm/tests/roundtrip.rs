@@ -23,23 +23,6 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
-/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
-/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// to a duplicate of fd 2.
-macro_rules! skipped {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
-        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            Ok(fd) => {
-                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
-            }
-            Err(_) => eprint!("{msg}"),
-        }
-    }};
-}
-
 // A real-mode guest: acc = (3*acc + i) ^ mem[0x3000]; mem[0x3000] = acc, for i in 0..4096;
 // reports progress (i) on port 0x10 every 64 iterations and the result on port 0x11, then spins.
 std::arch::global_asm!(
@@ -98,7 +81,7 @@ fn kvm_or_skip() -> Option<Kvm> {
     match Kvm::new() {
         Ok(k) => Some(k),
         Err(e) => {
-            skipped!("/dev/kvm is not usable here ({e})");
+            common::skipped(format!("/dev/kvm is not usable here ({e})"));
             None
         }
     }

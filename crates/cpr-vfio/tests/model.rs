@@ -3,6 +3,8 @@
 
 //! The handoff sequence, its abandon path and each refusal, on the in-memory kernel model.
 
+mod common;
+
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -14,23 +16,6 @@ use cpr_vfio::{
     attach_irqfds, Backing, DmaMapping, Error, IommufdDevice, LegacyDevice, MsixEntry, VectorRoute,
     VfioDeviceState, VfioKernel,
 };
-
-/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
-/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// to a duplicate of fd 2.
-macro_rules! skipped {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
-        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            Ok(fd) => {
-                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
-            }
-            Err(_) => eprint!("{msg}"),
-        }
-    }};
-}
 
 const SYSFS: &str = "/sys/bus/pci/devices/0000:01:00.0";
 const MIB: u64 = 1 << 20;
@@ -359,7 +344,7 @@ fn device_state_is_validated() {
 #[test]
 fn eventfds_are_reattached_to_a_new_kvm_vm() {
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-        skipped!("/dev/kvm is not usable here");
+        common::skipped("/dev/kvm is not usable here");
         return;
     };
     let vm = kvm.create_vm().unwrap();

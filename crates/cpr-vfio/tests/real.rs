@@ -6,6 +6,8 @@
 //! `/dev/vfio` (and `/dev/iommu` for the iommufd part). Skips, saying why, otherwise; this
 //! project's CI host has neither, so this file has not run there.
 
+mod common;
+
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -13,32 +15,17 @@ use std::path::PathBuf;
 use cpr_memory::{GuestRam, MemoryOptions, RegionSpec};
 use cpr_vfio::{Backing, DmaMapping, IommufdDevice, LegacyDevice, RealKernel};
 
-/// Says that a test skipped, on the terminal or CI log: libtest captures what passing
-/// tests print (even through `io::stderr()`), and a skip must be visible, so this writes
-/// to a duplicate of fd 2.
-macro_rules! skipped {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let msg = format!("SKIPPED: {}\n", format_args!($($t)*));
-        // A duplicate of fd 2 shares its file offset, and plain file writes escape the capture.
-        match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-            Ok(fd) => {
-                let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
-            }
-            Err(_) => eprint!("{msg}"),
-        }
-    }};
-}
-
 const SIZE: u64 = 4 << 20;
 
 fn device() -> Option<PathBuf> {
     let Some(dev) = std::env::var_os("CPR_VFIO_DEVICE").map(PathBuf::from) else {
-        skipped!("set CPR_VFIO_DEVICE=/sys/bus/pci/devices/... to run against a real device");
+        common::skipped(
+            "set CPR_VFIO_DEVICE=/sys/bus/pci/devices/... to run against a real device",
+        );
         return None;
     };
     if !std::path::Path::new("/dev/vfio/vfio").exists() {
-        skipped!("/dev/vfio/vfio does not exist");
+        common::skipped("/dev/vfio/vfio does not exist");
         return None;
     }
     Some(dev)
@@ -92,7 +79,7 @@ fn legacy_container_vaddr_update_on_real_hardware() {
 fn iommufd_change_process_on_real_hardware() {
     let Some(sysfs) = device() else { return };
     if !std::path::Path::new("/dev/iommu").exists() {
-        skipped!("/dev/iommu does not exist");
+        common::skipped("/dev/iommu does not exist");
         return;
     }
     let k = RealKernel;
