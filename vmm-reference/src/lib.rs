@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod passthrough;
 pub mod qmp_client;
 pub mod serial;
+pub mod unix;
 pub mod vmm;
 
 /// What the control loop receives.

@@ -218,10 +218,9 @@ pub fn fuzz_input(data: &[u8]) -> usize {
 }
 
 impl Monitor {
-    /// Listens on `path` (replacing a stale socket file).
+    /// Listens on `path` (replacing a stale socket, refusing to replace anything else).
     pub fn bind(path: &Path, tx: Sender<ControlMsg>) -> Result<Monitor> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
+        let listener = crate::unix::listen(path)
             .map_err(|e| Error::Io(format!("bind monitor `{}`: {e}", path.display())))?;
         let m = Monitor {
             listener: Arc::new(listener),

@@ -254,13 +254,10 @@ impl SerialDevice {
                     .open(p)
                     .map_err(io("open serial file", p))?,
             )),
-            SerialConfig::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Backend::Unix {
-                    listener: Arc::new(UnixListener::bind(p).map_err(io("bind serial socket", p))?),
-                    client: Arc::new(Mutex::new(None)),
-                }
-            }
+            SerialConfig::Unix(p) => Backend::Unix {
+                listener: Arc::new(crate::unix::listen(p).map_err(io("bind serial socket", p))?),
+                client: Arc::new(Mutex::new(None)),
+            },
         };
         Self::with_backend(backend, state, irq)
     }

@@ -461,8 +461,7 @@ impl Vmm {
     /// The new side of a transfer: waits for the old VMM on `path`, builds the VM from the
     /// memory it sends while the guest still runs there, then restores the rest.
     fn receive_transfer(&mut self, path: &Path) -> Result<()> {
-        let _ = std::fs::remove_file(path);
-        let listener = std::os::unix::net::UnixListener::bind(path)
+        let listener = crate::unix::listen(path)
             .map_err(|e| Error::Io(format!("bind transfer socket `{}`: {e}", path.display())))?;
         log::info!("waiting for a transfer on {}", path.display());
         let (sock, _) = listener

@@ -700,7 +700,10 @@ fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
             "cpr-save",
             json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(dir.p("new.log")).unwrap_or_default();
+            panic!("cpr-save: {e}\nthe new VMM's log:\n{log}")
+        });
     assert_eq!(r["mode"], "transfer");
     assert!(r["blackout-us"].as_u64().unwrap() > 0);
     assert_eq!(
