@@ -47,7 +47,7 @@ fn kvmclock_hides_or_shows_the_outage_as_asked() {
     let vm_state = capture_vm(&old_vm, true).unwrap();
     let saved_clock = old_vm.get_clock().unwrap().clock;
     let saved_tsc = tsc(&old_vcpu);
-    let outage = Duration::from_millis(300);
+    let outage = Duration::from_secs(1);
     std::thread::sleep(outage);
 
     for policy in [ClockPolicy::Frozen, ClockPolicy::Advance] {
