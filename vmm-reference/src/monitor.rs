@@ -4,24 +4,36 @@
 //! A QMP monitor on a UNIX socket: greeting, capabilities negotiation, commands answered with
 //! `return` or `error`, timestamped events. Clients and the listening socket are handed to
 //! the next image on restart, so a connected client stays connected and negotiated.
+//!
+//! Nothing a client sends is lost across a restart or transfer: [`Monitor::hold`] parks
+//! every monitor thread (input not yet read stays in the socket for the next image), and
+//! [`Monitor::carry`] packs what was read but not yet executed into a [`MonitorSection`],
+//! which the next image replays before reading more ([`Monitor::start`]).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cpr_fd::{FdKind, FdRegistry};
+use cpr_snapshot::prelude::*;
+use cpr_snapshot::Blob;
 use serde_json::{json, Map, Value};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
 use crate::ControlMsg;
 
 /// Largest single QMP message accepted, in bytes.
 pub const MAX_MESSAGE: usize = 64 << 10;
+
+/// How long a reply or event may wait for a client that does not read; the client is then
+/// disconnected, so it cannot stall the VMM.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A command for the VMM's control loop.
 #[derive(Debug)]
@@ -41,11 +53,131 @@ struct Client {
     id: u64,
     stream: UnixStream,
     negotiated: bool,
+    /// While the monitor is held: input this client's thread read but had not completed
+    /// into a message ([`Splitter::save`]).
+    held_input: Option<(bool, Vec<u8>)>,
 }
 
 #[derive(Debug, Default)]
 struct Clients {
     list: Vec<Client>,
+    /// Connections handed over by the previous image, not yet served ([`Monitor::start`]).
+    idle: Vec<(u64, UnixStream)>,
+}
+
+/// Input a client sent that the previous image read but did not execute.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct CarriedInput {
+    /// The client.
+    pub client: u64,
+    /// Complete commands, as QMP text, in the order they arrived.
+    pub replay: Blob,
+    /// Whether the client's reader was discarding the rest of a malformed line.
+    pub skipping: bool,
+    /// The start of an incomplete message.
+    pub partial: Blob,
+}
+
+/// Monitor input carried across a restart or transfer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct MonitorSection {
+    /// One entry per client with carried input.
+    pub clients: Vec<CarriedInput>,
+}
+
+impl Section for MonitorSection {
+    const NAME: &'static str = "monitor";
+    // An image that does not know it still serves the clients; it only misses their
+    // commands that were in flight.
+    const SKIPPABLE: bool = true;
+}
+
+/// Parks and releases the monitor's threads (see [`Monitor::hold`]).
+#[derive(Debug)]
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+    /// Readable while the gate is closed, so threads waiting in `poll` notice.
+    wake: EventFd,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    /// Live monitor threads.
+    threads: usize,
+    /// Threads parked at the closed gate.
+    parked: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Gate {
+    fn new() -> Result<Gate> {
+        Ok(Gate {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            wake: EventFd::new(EFD_NONBLOCK)
+                .map_err(|e| Error::Io(format!("monitor eventfd: {e}")))?,
+        })
+    }
+
+    /// Blocks until `fd` has input, an error or a hangup (the caller's read or accept then
+    /// says which). While the gate is closed it parks instead, after `on_park` published
+    /// what the thread holds.
+    fn until_readable(&self, fd: BorrowedFd<'_>, mut on_park: impl FnMut()) {
+        loop {
+            {
+                let mut st = lock(&self.state);
+                if st.closed {
+                    on_park();
+                    st.parked += 1;
+                    self.cv.notify_all();
+                    while st.closed {
+                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    st.parked -= 1;
+                    continue;
+                }
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd structures that outlives the
+            // call, and both descriptors stay open during it (one is borrowed, the other
+            // is owned by `self`).
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if fds[0].revents != 0 && !lock(&self.state).closed {
+                return;
+            }
+        }
+    }
+
+    fn thread_started(&self) {
+        lock(&self.state).threads += 1;
+    }
+
+    fn thread_ended(&self) {
+        lock(&self.state).threads -= 1;
+        self.cv.notify_all();
+    }
 }
 
 /// The monitor.
@@ -55,6 +187,8 @@ pub struct Monitor {
     clients: Arc<Mutex<Clients>>,
     next_id: Arc<AtomicU64>,
     tx: Sender<ControlMsg>,
+    gate: Arc<Gate>,
+    started: Arc<AtomicBool>,
 }
 
 /// A QMP error answer.
@@ -91,7 +225,24 @@ fn greeting() -> Value {
 fn send(stream: &UnixStream, msg: &Value) -> bool {
     let mut text = msg.to_string();
     text.push_str("\r\n");
-    (&*stream).write_all(text.as_bytes()).is_ok()
+    if (&*stream).write_all(text.as_bytes()).is_err() {
+        // Gone, or not reading for WRITE_TIMEOUT: disconnect it rather than stall the VMM.
+        // Its reader thread then sees the end of input and removes it.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return false;
+    }
+    true
+}
+
+/// A queued command as QMP text, for replay by the next image.
+fn request_text(r: &Request) -> String {
+    let mut v = json!({"execute": r.command, "arguments": r.arguments});
+    if let Some(id) = &r.id {
+        v["id"] = id.clone();
+    }
+    let mut text = v.to_string();
+    text.push('\n');
+    text
 }
 
 /// Splits a byte stream into top-level JSON objects (QMP needs no newlines between them).
@@ -168,6 +319,24 @@ impl Splitter {
         }
         out
     }
+
+    /// What a reader that takes over needs: whether this splitter is discarding the rest of
+    /// a bad line, and the bytes of the message it has started.
+    pub fn save(&self) -> (bool, Vec<u8>) {
+        (self.skipping, self.buf.clone())
+    }
+
+    /// A splitter that continues from [`save`](Self::save)d state. The saved bytes are fed
+    /// again like any input, so whatever they contain is handled the same way; what that
+    /// produced is returned (nothing, for state a splitter really saved).
+    pub fn resume(skipping: bool, partial: &[u8]) -> (Splitter, Vec<Piece>) {
+        let mut s = Splitter {
+            skipping,
+            ..Splitter::default()
+        };
+        let out = s.push(partial);
+        (s, out)
+    }
 }
 
 /// `execute`, `arguments` and `id` of a well-formed command.
@@ -218,33 +387,42 @@ pub fn fuzz_input(data: &[u8]) -> usize {
 }
 
 impl Monitor {
-    /// Listens on `path` (replacing a stale socket, refusing to replace anything else).
+    /// Listens on `path` (replacing a stale socket, refusing to replace anything else) and
+    /// serves clients right away.
     pub fn bind(path: &Path, tx: Sender<ControlMsg>) -> Result<Monitor> {
         let listener = crate::unix::listen(path)
             .map_err(|e| Error::Io(format!("bind monitor `{}`: {e}", path.display())))?;
-        let m = Monitor {
+        let m = Monitor::new(listener, tx)?;
+        m.start(None);
+        Ok(m)
+    }
+
+    fn new(listener: UnixListener, tx: Sender<ControlMsg>) -> Result<Monitor> {
+        // The acceptor polls before it accepts; non-blocking, a connection that another
+        // image holding the same listener took first cannot block it.
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Io(format!("monitor listener: {e}")))?;
+        Ok(Monitor {
             listener: Arc::new(listener),
             clients: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
             tx,
-        };
-        m.start_accepting();
-        Ok(m)
+            gate: Arc::new(Gate::new()?),
+            started: Arc::default(),
+        })
     }
 
     /// Rebuilds the monitor from fds handed over by the previous image: the listener and
-    /// every client, which keep their negotiated state and get no new greeting.
+    /// every client, which keep their negotiated state and get no new greeting. It can
+    /// answer and send events at once, but reads nothing until [`start`](Self::start).
     pub fn from_fds(fds: &mut FdRegistry, tx: Sender<ControlMsg>) -> Result<Option<Monitor>> {
         let Some(listener) = fds.take("monitor.listener") else {
             return Ok(None);
         };
-        let m = Monitor {
-            listener: Arc::new(UnixListener::from(listener.into_fd())),
-            clients: Arc::default(),
-            next_id: Arc::new(AtomicU64::new(1)),
-            tx,
-        };
+        let m = Monitor::new(UnixListener::from(listener.into_fd()), tx)?;
         let mut max_id = 0;
+        let mut clients = lock(&m.clients);
         for e in fds.take_kind(FdKind::MONITOR) {
             let meta = e.metadata();
             if meta.len() != 9 {
@@ -256,11 +434,49 @@ impl Monitor {
             let id = u64::from_le_bytes(meta[1..9].try_into().unwrap_or_default());
             let negotiated = meta[0] == 1;
             max_id = max_id.max(id);
-            m.add_client(id, UnixStream::from(e.into_fd()), negotiated, false);
+            let stream = UnixStream::from(e.into_fd());
+            let reader = stream
+                .try_clone()
+                .and_then(|r| stream.set_write_timeout(Some(WRITE_TIMEOUT)).map(|()| r))
+                .map_err(|e| Error::Io(format!("monitor client {id}: {e}")))?;
+            clients.list.push(Client {
+                id,
+                stream,
+                negotiated,
+                held_input: None,
+            });
+            clients.idle.push((id, reader));
         }
+        drop(clients);
         m.next_id.store(max_id + 1, Ordering::SeqCst);
-        m.start_accepting();
         Ok(Some(m))
+    }
+
+    /// Starts serving (once): handed-over clients first replay the input `carried` from the
+    /// previous image, then read their sockets; new connections are accepted.
+    pub fn start(&self, carried: Option<MonitorSection>) {
+        let mut carried = carried.map(|c| c.clients).unwrap_or_default();
+        if self.started.swap(true, Ordering::SeqCst) {
+            if !carried.is_empty() {
+                log::warn!("monitor: already serving; carried input is dropped");
+            }
+            return;
+        }
+        let idle = std::mem::take(&mut lock(&self.clients).idle);
+        for (id, reader) in idle {
+            let input = carried
+                .iter()
+                .position(|c| c.client == id)
+                .map(|i| carried.swap_remove(i));
+            self.spawn_reader(id, reader, input);
+        }
+        for c in carried {
+            log::warn!(
+                "monitor: dropping carried input of client {}, which is gone",
+                c.client
+            );
+        }
+        self.start_accepting();
     }
 
     /// Registers duplicates of the listener and client fds for the next image.
@@ -275,7 +491,7 @@ impl Monitor {
             dup(self.listener.as_fd())?,
             b"",
         )?;
-        for c in &self.clients.lock().unwrap_or_else(|p| p.into_inner()).list {
+        for c in &lock(&self.clients).list {
             let mut meta = vec![u8::from(c.negotiated)];
             meta.extend_from_slice(&c.id.to_le_bytes());
             reg.register(
@@ -288,57 +504,157 @@ impl Monitor {
         Ok(())
     }
 
+    /// Parks every monitor thread before a live update. Input not yet read stays in the
+    /// sockets, for whichever image reads next; input read but not yet a command is kept
+    /// for [`carry`](Self::carry); commands already sent stay in the control loop's queue.
+    /// No connection is accepted while held. Fails, and releases again, if a thread does
+    /// not park within `timeout` (one writing to a client that does not read is stuck for
+    /// up to [`WRITE_TIMEOUT`]).
+    pub fn hold(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.gate.state);
+        st.closed = true;
+        let _ = self.gate.wake.write(1);
+        while st.parked < st.threads {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let stuck = st.threads - st.parked;
+                drop(st);
+                self.release();
+                return Err(Error::Io(format!(
+                    "monitor: {stuck} thread(s) did not stop within {timeout:?}"
+                )));
+            }
+            st = self
+                .gate
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets the threads run again after [`hold`](Self::hold) (the update failed).
+    pub fn release(&self) {
+        for c in &mut lock(&self.clients).list {
+            c.held_input = None;
+        }
+        let mut st = lock(&self.gate.state);
+        st.closed = false;
+        let _ = self.gate.wake.read();
+        self.gate.cv.notify_all();
+    }
+
+    /// Packs the input of a held monitor for the next image: per client, the commands
+    /// `queued` for the control loop (in order), then what its reader had started.
+    pub fn carry<'a>(&self, queued: impl IntoIterator<Item = &'a Request>) -> MonitorSection {
+        let queued: Vec<&Request> = queued.into_iter().collect();
+        let clients = lock(&self.clients);
+        let mut out = Vec::new();
+        for c in &clients.list {
+            let replay: String = queued
+                .iter()
+                .filter(|r| r.client == c.id)
+                .map(|r| request_text(r))
+                .collect();
+            let (skipping, partial) = c.held_input.clone().unwrap_or_default();
+            if !replay.is_empty() || skipping || !partial.is_empty() {
+                out.push(CarriedInput {
+                    client: c.id,
+                    replay: Blob(replay.into_bytes()),
+                    skipping,
+                    partial: Blob(partial),
+                });
+            }
+        }
+        MonitorSection { clients: out }
+    }
+
     fn start_accepting(&self) {
         let m = self.clone();
-        std::thread::spawn(move || {
-            for stream in m.listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let id = m.next_id.fetch_add(1, Ordering::SeqCst);
-                m.add_client(id, stream, false, true);
+        self.gate.thread_started();
+        std::thread::spawn(move || loop {
+            m.gate.until_readable(m.listener.as_fd(), || {});
+            match m.listener.accept() {
+                Ok((stream, _)) => {
+                    let id = m.next_id.fetch_add(1, Ordering::SeqCst);
+                    m.add_client(id, stream);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    // Out of fds, for instance: back off instead of spinning.
+                    log::error!("monitor: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         });
     }
 
-    fn add_client(&self, id: u64, stream: UnixStream, negotiated: bool, greet: bool) {
+    fn add_client(&self, id: u64, stream: UnixStream) {
         let Ok(reader) = stream.try_clone() else {
             return;
         };
-        if greet && !send(&stream, &greeting()) {
+        if stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() || !send(&stream, &greeting()) {
             return;
         }
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .list
-            .push(Client {
-                id,
-                stream,
-                negotiated,
-            });
-        let m = self.clone();
-        std::thread::spawn(move || m.serve(id, reader));
+        lock(&self.clients).list.push(Client {
+            id,
+            stream,
+            negotiated: false,
+            held_input: None,
+        });
+        self.spawn_reader(id, reader, None);
     }
 
-    fn serve(&self, id: u64, mut reader: UnixStream) {
+    fn spawn_reader(&self, id: u64, reader: UnixStream, carried: Option<CarriedInput>) {
+        let m = self.clone();
+        self.gate.thread_started();
+        std::thread::spawn(move || {
+            m.serve(id, reader, carried);
+            lock(&m.clients).list.retain(|c| c.id != id);
+            m.gate.thread_ended();
+        });
+    }
+
+    fn serve(&self, id: u64, mut reader: UnixStream, carried: Option<CarriedInput>) {
         let mut splitter = Splitter::default();
+        if let Some(c) = carried {
+            let replayed = splitter.push(&c.replay);
+            self.handle_pieces(id, replayed);
+            let (resumed, pieces) = Splitter::resume(c.skipping, &c.partial);
+            splitter = resumed;
+            self.handle_pieces(id, pieces);
+        }
         let mut buf = [0u8; 4096];
         loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            for piece in splitter.push(&buf[..n]) {
-                match piece {
-                    Piece::Garbage(desc) => self.reply(id, None, Err(QmpError::generic(desc))),
-                    Piece::Message(text) => self.handle(id, &text),
+            self.gate.until_readable(reader.as_fd(), || {
+                if let Some(c) = lock(&self.clients).list.iter_mut().find(|c| c.id == id) {
+                    c.held_input = Some(splitter.save());
                 }
+            });
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let pieces = splitter.push(&buf[..n]);
+            self.handle_pieces(id, pieces);
+        }
+    }
+
+    fn handle_pieces(&self, client: u64, pieces: Vec<Piece>) {
+        for piece in pieces {
+            match piece {
+                Piece::Garbage(desc) => self.reply(client, None, Err(QmpError::generic(desc))),
+                Piece::Message(text) => self.handle(client, &text),
             }
         }
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .list
-            .retain(|c| c.id != id);
     }
 
     fn handle(&self, client: u64, text: &[u8]) {
@@ -391,16 +707,14 @@ impl Monitor {
     }
 
     fn is_negotiated(&self, client: u64) -> bool {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.clients)
             .list
             .iter()
             .any(|c| c.id == client && c.negotiated)
     }
 
     fn set_negotiated(&self, client: u64) {
-        for c in &mut self.clients.lock().unwrap_or_else(|p| p.into_inner()).list {
+        for c in &mut lock(&self.clients).list {
             if c.id == client {
                 c.negotiated = true;
             }
@@ -421,7 +735,7 @@ impl Monitor {
         if let Some(id) = id {
             msg["id"] = id;
         }
-        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let clients = lock(&self.clients);
         if let Some(c) = clients.list.iter().find(|c| c.id == client) {
             send(&c.stream, &msg);
         }
@@ -437,7 +751,7 @@ impl Monitor {
             "event {name} {}",
             msg.get("data").map(Value::to_string).unwrap_or_default()
         );
-        for c in &self.clients.lock().unwrap_or_else(|p| p.into_inner()).list {
+        for c in &lock(&self.clients).list {
             if c.negotiated {
                 send(&c.stream, &msg);
             }
@@ -491,5 +805,169 @@ mod tests {
         assert!(parse_command(json!({"execute": "a", "arguments": []})).is_err());
         assert!(parse_command(json!({"execute": "a", "bogus": 1})).is_err());
         assert!(parse_command(json!([1])).is_err());
+    }
+}
+
+#[cfg(test)]
+mod hold_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc::{channel, Receiver};
+
+    struct Fixture {
+        dir: std::path::PathBuf,
+        monitor: Monitor,
+        rx: Receiver<ControlMsg>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture(tag: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("cpr-mon-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let (tx, rx) = channel();
+        let monitor = Monitor::bind(&dir.join("m.sock"), tx).unwrap();
+        Fixture { dir, monitor, rx }
+    }
+
+    /// A connected, negotiated client.
+    fn client(f: &Fixture) -> (UnixStream, BufReader<UnixStream>) {
+        let s = UnixStream::connect(f.dir.join("m.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("QMP"), "{line}");
+        (&s).write_all(br#"{"execute":"qmp_capabilities"}"#)
+            .unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("return"), "{line}");
+        (s, r)
+    }
+
+    fn next_command(rx: &Receiver<ControlMsg>) -> Request {
+        match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+            ControlMsg::Qmp(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_held_monitor_reads_nothing_and_carries_what_it_had_read() {
+        let f = fixture("hold");
+        let (s, _r) = client(&f);
+        (&s).write_all(br#"{"execute":"a","id":1} {"execute":"b","#)
+            .unwrap();
+        let a = next_command(&f.rx);
+        assert_eq!((a.command.as_str(), &a.id), ("a", &Some(json!(1))));
+
+        f.monitor.hold(Duration::from_secs(60)).unwrap();
+        (&s).write_all(br#""id":2}{"execute":"c"}"#).unwrap();
+        // A connection made while held waits in the backlog; it is greeted after release.
+        let late = UnixStream::connect(f.dir.join("m.sock")).unwrap();
+        let carried = f.monitor.carry([&a]);
+        assert_eq!(carried.clients.len(), 1);
+        let c = &carried.clients[0];
+        assert_eq!(
+            c.replay.as_ref(),
+            br#"{"arguments":{},"execute":"a","id":1}
+"#
+        );
+        assert!(!c.skipping);
+        assert_eq!(c.partial.as_ref(), br#"{"execute":"b","#);
+        assert!(
+            f.rx.try_recv().is_err(),
+            "nothing is read while the monitor is held"
+        );
+
+        // The update failed: reading resumes where it stopped.
+        f.monitor.release();
+        let b = next_command(&f.rx);
+        assert_eq!((b.command.as_str(), b.id), ("b", Some(json!(2))));
+        assert_eq!(next_command(&f.rx).command, "c");
+        late.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(late).read_line(&mut line).unwrap();
+        assert!(line.contains("QMP"), "greeted after release: {line}");
+    }
+
+    #[test]
+    fn carried_input_is_replayed_before_the_socket_is_read() {
+        let f = fixture("replay");
+        let (s, _r) = client(&f);
+        // Hand this client over to a second monitor, as an exec would.
+        f.monitor.hold(Duration::from_secs(60)).unwrap();
+        let mut reg = FdRegistry::new();
+        f.monitor.register_fds(&mut reg).unwrap();
+        let (tx, rx) = channel();
+        let next = Monitor::from_fds(&mut reg, tx).unwrap().unwrap();
+        (&s).write_all(br#"6}"#).unwrap();
+        assert!(rx.try_recv().is_err(), "not serving before start");
+        let id = next.clients.lock().unwrap().list[0].id;
+        next.start(Some(MonitorSection {
+            clients: vec![CarriedInput {
+                client: id,
+                replay: Blob(br#"{"execute":"x","id":5}"#.to_vec()),
+                skipping: false,
+                partial: Blob(br#"{"execute":"y","id":"#.to_vec()),
+            }],
+        }));
+        let x = next_command(&rx);
+        assert_eq!((x.command.as_str(), x.id), ("x", Some(json!(5))));
+        let y = next_command(&rx);
+        assert_eq!((y.command.as_str(), y.id), ("y", Some(json!(6))));
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_dropped_and_cannot_block_an_update() {
+        let f = fixture("stuck");
+        let (s, _r) = client(&f);
+        let (other, mut other_r) = client(&f);
+        // Each bad line earns an error answer this client never reads, until the socket
+        // buffer is full and the monitor gives up on it.
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let junk = b"x\n".repeat(4096);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (&s).write_all(&junk).is_ok() {
+            assert!(Instant::now() < deadline, "never disconnected");
+        }
+        f.monitor.hold(HOLD).unwrap();
+        f.monitor.release();
+        (&other).write_all(br#"{"execute":"z"}"#).unwrap();
+        assert_eq!(next_command(&f.rx).command, "z");
+        f.monitor.event("E", None);
+        let mut line = String::new();
+        other_r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"E\""), "{line}");
+    }
+
+    const HOLD: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn splitter_state_survives_save_and_resume() {
+        let mut s = Splitter::default();
+        assert!(s.push(br#"{"a": "}\"{", "b": [1, {"#).is_empty());
+        let (skipping, partial) = s.save();
+        let (mut t, out) = Splitter::resume(skipping, &partial);
+        assert!(out.is_empty());
+        assert_eq!(
+            t.push(b"}]} x"),
+            vec![
+                Piece::Message(br#"{"a": "}\"{", "b": [1, {}]}"#.to_vec()),
+                Piece::Garbage("JSON parse error: expected an object, found 'x'".into())
+            ]
+        );
+        let (skipping, partial) = t.save();
+        assert!(skipping && partial.is_empty());
+        let (mut u, _) = Splitter::resume(skipping, &partial);
+        assert!(u.push(b"yz\n").is_empty(), "the rest of the bad line");
+        assert_eq!(u.push(b"{}"), vec![Piece::Message(b"{}".to_vec())]);
     }
 }

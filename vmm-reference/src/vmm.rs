@@ -24,7 +24,7 @@ use crate::config::{Incoming, MemoryConfig, RunConfig};
 use crate::error::{Error, Result};
 use crate::guest::{DemoConfig, DemoStatus};
 use crate::machine::{Machine, VcpuEvent};
-use crate::monitor::{Monitor, QmpError, Request};
+use crate::monitor::{Monitor, MonitorSection, QmpError, Request};
 use crate::passthrough::Passthrough;
 use crate::serial::{SerialConfig, SerialDevice, SerialSection};
 use crate::ControlMsg;
@@ -37,6 +37,10 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long vCPUs get to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an update waits for the monitor's threads to park: longer than a reply can be
+/// stuck on a client that does not read.
+const HOLD_TIMEOUT: Duration = crate::monitor::WRITE_TIMEOUT.saturating_add(Duration::from_secs(5));
 /// Largest guest RAM.
 pub const MAX_MEMORY: u64 = 3 << 30;
 
@@ -86,6 +90,7 @@ pub fn schema() -> Schema {
         .section::<cpr_vfio::LegacyState>()
         .section::<cpr_vfio::IommufdState>()
         .section::<crate::passthrough::ModelSection>()
+        .section::<MonitorSection>()
         .build()
         .expect("static schema is valid")
 }
@@ -308,6 +313,7 @@ impl Vmm {
         let vm_state: VmState = snap.take(0)?;
         let serial_state: SerialSection = snap.take(0)?;
         let cpr: CprSection = snap.take(0)?;
+        let carried_input = snap.take_optional::<MonitorSection>(0)?;
         let vcpu_count = cfg.vcpus as usize;
         if vcpu_count == 0 || vcpu_count > crate::machine::MAX_VCPUS {
             return Err(Error::State(format!("state has {vcpu_count} vCPUs")));
@@ -454,6 +460,9 @@ impl Vmm {
                 let id = serde_json::from_str(&cpr.reply_id).ok();
                 m.reply(cpr.client, id, Ok(data));
             }
+            // Handed-over clients: what they sent during the update runs now, after the
+            // answer to `cpr-save`.
+            m.start(carried_input);
         }
         Ok(())
     }
@@ -702,6 +711,7 @@ impl Vmm {
         mode: &str,
         waiting: Option<&Request>,
         mut handover: Option<&mut FdRegistry>,
+        monitor: Option<&MonitorSection>,
     ) -> Result<(Vec<u8>, bool, u64)> {
         let was_running = self.state == RunState::Running;
         let m = self
@@ -755,6 +765,9 @@ impl Vmm {
                     was_running,
                 },
             )?;
+            if let Some(input) = monitor {
+                w.write_section(0, input)?;
+            }
             let bytes = w.finish()?;
             // Check that the next image can read what we hand it, before we depend on it.
             Snapshot::read_from(bytes.as_slice(), &schema)?;
@@ -847,14 +860,24 @@ impl Vmm {
                 .map_err(|e| q(format!("cannot find own executable: {e}")))?,
         };
         self.event("CPR", Some(json!({"mode": "restart", "status": "started"})));
+        let held = self.hold_monitor()?;
+        let carried = self.carry_monitor(&held);
         let mut reg = FdRegistry::new();
-        let (bytes, was_running, stop_ns) = self
-            .stop_and_encode("restart", Some(req), Some(&mut reg))
-            .map_err(q)?;
+        let (bytes, was_running, stop_ns) =
+            match self.stop_and_encode("restart", Some(req), Some(&mut reg), carried.as_ref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.release_monitor(held);
+                    return Err(q(e));
+                }
+            };
         if !was_running {
             log::info!("restart of a paused VM: it stays paused");
         }
-        let m = self.machine.as_mut().ok_or_else(|| q("no VM"))?;
+        let Some(m) = self.machine.as_mut() else {
+            self.release_monitor(held);
+            return Err(q("no VM"));
+        };
         let failure = (|| -> Result<Error> {
             reg.register(
                 "state",
@@ -888,7 +911,41 @@ impl Vmm {
         .unwrap_or_else(|e| e);
         // Still here: the update failed and the old process carries on.
         drop(reg);
-        Err(self.resume_after_failed_update("restart", was_running, &failure))
+        let e = self.resume_after_failed_update("restart", was_running, &failure);
+        self.release_monitor(held);
+        Err(e)
+    }
+
+    /// Parks the monitor for an update and takes what is queued for the control loop, so
+    /// that nothing a client sends during the update is lost: the next image replays it
+    /// ([`carry_monitor`](Self::carry_monitor)), or this one does if the update fails
+    /// ([`release_monitor`](Self::release_monitor)).
+    fn hold_monitor(&mut self) -> std::result::Result<Vec<ControlMsg>, QmpError> {
+        if let Some(m) = &self.monitor {
+            m.hold(HOLD_TIMEOUT)
+                .map_err(|e| q(format!("update not started: {e}")))?;
+        }
+        Ok(self.rx.try_iter().collect())
+    }
+
+    /// The held monitor input, for the next image.
+    fn carry_monitor(&self, held: &[ControlMsg]) -> Option<MonitorSection> {
+        let m = self.monitor.as_ref()?;
+        Some(m.carry(held.iter().filter_map(|msg| match msg {
+            ControlMsg::Qmp(r) => Some(r),
+            ControlMsg::Vcpu(_) => None,
+        })))
+    }
+
+    /// The update failed: queues the held messages again, ahead of anything new, and lets
+    /// the monitor read again.
+    fn release_monitor(&mut self, held: Vec<ControlMsg>) {
+        for msg in held {
+            let _ = self.tx.send(msg);
+        }
+        if let Some(m) = &self.monitor {
+            m.release();
+        }
     }
 
     /// An update failed before the new VMM took over: give VFIO mappings their addresses
@@ -930,7 +987,9 @@ impl Vmm {
             log::warn!("{w}");
         }
         self.event("CPR", Some(json!({"mode": "reboot", "status": "started"})));
-        let (bytes, was_running, _) = self.stop_and_encode("reboot", None, None).map_err(q)?;
+        let (bytes, was_running, _) = self
+            .stop_and_encode("reboot", None, None, None)
+            .map_err(q)?;
         let written = save_to_path(path, |out| {
             std::io::Write::write_all(out, &bytes).map_err(|e| cpr_snapshot::Error::Io {
                 offset: 0,
@@ -1015,11 +1074,21 @@ impl Vmm {
             "CPR",
             Some(json!({"mode": "transfer", "status": "started"})),
         );
+        let held = self.hold_monitor()?;
+        let carried = self.carry_monitor(&held);
         let mut reg = FdRegistry::new();
-        let (bytes, was_running, _) = self
-            .stop_and_encode("transfer", Some(req), Some(&mut reg))
-            .map_err(q)?;
-        let m = self.machine.as_ref().ok_or_else(|| q("no VM"))?;
+        let (bytes, was_running, _) =
+            match self.stop_and_encode("transfer", Some(req), Some(&mut reg), carried.as_ref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.release_monitor(held);
+                    return Err(q(e));
+                }
+            };
+        let Some(m) = self.machine.as_ref() else {
+            self.release_monitor(held);
+            return Err(q("no VM"));
+        };
         let outcome = (|| -> Result<()> {
             m.serial.register_fds(&mut reg)?;
             if let Some(mon) = &self.monitor {
@@ -1046,7 +1115,9 @@ impl Vmm {
             }
             Err(e) => {
                 drop(reg);
-                Err(self.resume_after_failed_update("transfer", was_running, &e))
+                let e = self.resume_after_failed_update("transfer", was_running, &e);
+                self.release_monitor(held);
+                Err(e)
             }
         }
     }

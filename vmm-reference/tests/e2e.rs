@@ -199,6 +199,74 @@ fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
     assert_serial_covers(&dir, &prev);
 }
 
+/// The next answer (not an event) on `qmp`.
+fn next_answer(qmp: &mut QmpClient) -> serde_json::Value {
+    loop {
+        let m = qmp.read_message().unwrap();
+        if m.get("event").is_none() {
+            return m;
+        }
+    }
+}
+
+/// Sends `cpr-save` with `arguments` followed, in the same write, by two more commands and
+/// the first half of a third; sends the second half once `cpr-save` is answered. Checks
+/// that all three follow that answer, in order, answered; returns the `cpr-save` answer.
+fn cpr_save_with_commands_in_flight(
+    qmp: &mut QmpClient,
+    arguments: serde_json::Value,
+) -> serde_json::Value {
+    let batch = format!(
+        "{}{}{}",
+        json!({"execute": "cpr-save", "arguments": arguments, "id": "save"}),
+        json!({"execute": "cpr-info", "id": "info"}),
+        json!({"execute": "no-such-command", "id": "bad"}),
+    );
+    qmp.send_raw(batch.as_bytes()).unwrap();
+    qmp.send_raw(br#"{"execute": "query-status", "#).unwrap();
+    let save = next_answer(qmp);
+    assert_eq!(
+        save["id"], "save",
+        "the cpr-save answer comes first: {save}"
+    );
+    qmp.send_raw(br#""id": "status"}"#).unwrap();
+    let info = next_answer(qmp);
+    assert_eq!(info["id"], "info", "{info}");
+    assert!(info["return"]["modes"].is_object(), "{info}");
+    let bad = next_answer(qmp);
+    assert_eq!(bad["id"], "bad", "{bad}");
+    assert_eq!(bad["error"]["class"], "CommandNotFound", "{bad}");
+    let status = next_answer(qmp);
+    assert_eq!(status["id"], "status", "{status}");
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    save
+}
+
+#[test]
+fn commands_sent_during_a_restart_are_answered_in_order() {
+    let Some((dir, mut vm, before)) = boot("in-flight", "memfd", 1, 1) else {
+        return;
+    };
+    // Read and queued by the old image before it stopped: replayed by the new one.
+    let save = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
+    assert_eq!(save["return"]["mode"], "restart", "{save}");
+    let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
+    assert_eq!(info["last-update"]["mode"], "restart", "{info}");
+    // The restart fails: the old image answers them itself, still in order.
+    let save = cpr_save_with_commands_in_flight(
+        &mut vm.qmp,
+        json!({"mode": "restart", "binary": "/nonexistent/vmm"}),
+    );
+    assert!(
+        save["error"]["desc"].as_str().unwrap().contains("resumed"),
+        "{save}"
+    );
+    let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
+    check_continuity(&before, &after).unwrap();
+    quit(vm);
+    assert_serial_covers(&dir, &after);
+}
+
 #[test]
 fn failed_exec_leaves_the_guest_running_in_the_old_process() {
     let Some((dir, mut vm, before)) = boot("badexec", "memfd", 1, 1) else {
@@ -694,16 +762,15 @@ fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
     let before = wait_progress(&mut old.qmp, &boot_status(2), 2).unwrap();
     let mut new_child =
         spawn_transfer_target(&exe(), &dir.p("xfer.sock"), &dir.p("new.log")).unwrap();
-    let r = old
-        .qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
-        )
-        .unwrap_or_else(|e| {
-            let log = std::fs::read_to_string(dir.p("new.log")).unwrap_or_default();
-            panic!("cpr-save: {e}\nthe new VMM's log:\n{log}")
-        });
+    // Commands sent behind cpr-save are answered by the new process, in order.
+    let save = cpr_save_with_commands_in_flight(
+        &mut old.qmp,
+        json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
+    );
+    let r = save.get("return").unwrap_or_else(|| {
+        let log = std::fs::read_to_string(dir.p("new.log")).unwrap_or_default();
+        panic!("cpr-save: {save}\nthe new VMM's log:\n{log}")
+    });
     assert_eq!(r["mode"], "transfer");
     assert!(r["blackout-us"].as_u64().unwrap() > 0);
     assert_eq!(
