@@ -6,7 +6,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::FdIdentity;
 
@@ -94,4 +94,76 @@ pub fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
     // caller's borrows for the duration of the call; both arrays end with NULL.
     unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
     io::Error::last_os_error()
+}
+
+/// What one [`recv_fds`] call got.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of data read into the buffer.
+    pub len: usize,
+    /// The fds of the `SCM_RIGHTS` control messages, in order.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel dropped control data (`MSG_CTRUNC`): some fds were lost.
+    pub truncated: bool,
+}
+
+/// One `recvmsg` on the socket `sock` into `data`, with room for `max_fds` fds. The fds are
+/// close-on-exec from the moment they exist (`MSG_CMSG_CLOEXEC`), so a concurrent
+/// `fork`+`exec` elsewhere in the process cannot leak them.
+pub fn recv_fds(sock: BorrowedFd<'_>, data: &mut [u8], max_fds: usize) -> io::Result<Received> {
+    let fd_bytes = max_fds
+        .checked_mul(std::mem::size_of::<libc::c_int>())
+        .and_then(|b| u32::try_from(b).ok())
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    // u64 elements: the control buffer must be aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    let len = loop {
+        // SAFETY: msg points at one iovec over `data` and at `control` (`space` bytes), all
+        // writable and alive for the call.
+        let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if r >= 0 {
+            break r as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR only reads its control fields.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return null or a header inside `control`.
+        let hdr = unsafe { std::ptr::read_unaligned(cmsg) };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN is arithmetic on its argument.
+            let payload = hdr.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            // SAFETY: the header is inside `control`; its data follows it.
+            let first = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            for i in 0..payload / std::mem::size_of::<libc::c_int>() {
+                // SAFETY: `i` indexes the header's payload, which the kernel wrote, and
+                // the fd it names was just installed for us and has no other owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(std::ptr::read_unaligned(first.add(i))) });
+            }
+        }
+        // SAFETY: msg and cmsg are valid as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(Received {
+        len,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }

@@ -9,7 +9,7 @@
 //! (chunk index u32, fd count u32) and whose `SCM_RIGHTS` control message carries the fds.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -110,27 +110,18 @@ impl FdRegistry {
         for chunk in 0..chunks {
             let expected = (count - chunk * MAX_FDS_PER_MESSAGE).min(MAX_FDS_PER_MESSAGE);
             let mut data = [0u8; 8];
-            let mut raw = [-1 as RawFd; MAX_FDS_PER_MESSAGE];
-            let mut iov = [libc::iovec {
-                iov_base: data.as_mut_ptr().cast(),
-                iov_len: data.len(),
-            }];
-            // SAFETY: the iovec points at `data`, which is writable and outlives the call.
-            let r = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
-            let (n, nfds) = match r {
-                Ok(v) => v,
-                Err(e) if e.errno() == libc::ENOBUFS => {
-                    return Err(Error::ControlTruncated {
-                        chunk: chunk as u32,
-                    })
-                }
-                Err(e) => return Err(os("recvmsg")(std::io::Error::from_raw_os_error(e.errno()))),
-            };
-            for &fd in &raw[..nfds] {
-                // SAFETY: the kernel just installed this fd for us in the control message;
-                // nothing else owns it.
-                received.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                sys::set_cloexec(fd, true).map_err(os("set close-on-exec"))?;
+            let got = sys::recv_fds(
+                std::os::fd::AsFd::as_fd(sock),
+                &mut data,
+                MAX_FDS_PER_MESSAGE,
+            )
+            .map_err(os("recvmsg"))?;
+            let (n, nfds) = (got.len, got.fds.len());
+            received.extend(got.fds);
+            if got.truncated {
+                return Err(Error::ControlTruncated {
+                    chunk: chunk as u32,
+                });
             }
             if n == 0 {
                 return Err(Error::TransferTruncated("fd chunk"));
