@@ -9,6 +9,7 @@
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod gate;
 pub mod guest;
 pub mod linux;
 pub mod machine;

@@ -11,21 +11,21 @@
 //! which the next image replays before reading more ([`Monitor::start`]).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cpr_fd::{FdKind, FdRegistry};
 use cpr_snapshot::prelude::*;
 use cpr_snapshot::Blob;
 use serde_json::{json, Map, Value};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
+use crate::gate::{lock, Gate};
 use crate::ControlMsg;
 
 /// Largest single QMP message accepted, in bytes.
@@ -90,94 +90,6 @@ impl Section for MonitorSection {
     // An image that does not know it still serves the clients; it only misses their
     // commands that were in flight.
     const SKIPPABLE: bool = true;
-}
-
-/// Parks and releases the monitor's threads (see [`Monitor::hold`]).
-#[derive(Debug)]
-struct Gate {
-    state: Mutex<GateState>,
-    cv: Condvar,
-    /// Readable while the gate is closed, so threads waiting in `poll` notice.
-    wake: EventFd,
-}
-
-#[derive(Debug, Default)]
-struct GateState {
-    closed: bool,
-    /// Live monitor threads.
-    threads: usize,
-    /// Threads parked at the closed gate.
-    parked: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Gate {
-    fn new() -> Result<Gate> {
-        Ok(Gate {
-            state: Mutex::default(),
-            cv: Condvar::new(),
-            wake: EventFd::new(EFD_NONBLOCK)
-                .map_err(|e| Error::Io(format!("monitor eventfd: {e}")))?,
-        })
-    }
-
-    /// Blocks until `fd` has input, an error or a hangup (the caller's read or accept then
-    /// says which). While the gate is closed it parks instead, after `on_park` published
-    /// what the thread holds.
-    fn until_readable(&self, fd: BorrowedFd<'_>, mut on_park: impl FnMut()) {
-        loop {
-            {
-                let mut st = lock(&self.state);
-                if st.closed {
-                    on_park();
-                    st.parked += 1;
-                    self.cv.notify_all();
-                    while st.closed {
-                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-                    }
-                    st.parked -= 1;
-                    continue;
-                }
-            }
-            let mut fds = [
-                libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of two pollfd structures that outlives the
-            // call, and both descriptors stay open during it (one is borrowed, the other
-            // is owned by `self`).
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return;
-            }
-            if fds[0].revents != 0 && !lock(&self.state).closed {
-                return;
-            }
-        }
-    }
-
-    fn thread_started(&self) {
-        lock(&self.state).threads += 1;
-    }
-
-    fn thread_ended(&self) {
-        lock(&self.state).threads -= 1;
-        self.cv.notify_all();
-    }
 }
 
 /// The monitor.
@@ -408,7 +320,7 @@ impl Monitor {
             clients: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
             tx,
-            gate: Arc::new(Gate::new()?),
+            gate: Arc::new(Gate::new("monitor")?),
             started: Arc::default(),
         })
     }
@@ -511,28 +423,7 @@ impl Monitor {
     /// not park within `timeout` (one writing to a client that does not read is stuck for
     /// up to [`WRITE_TIMEOUT`]).
     pub fn hold(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut st = lock(&self.gate.state);
-        st.closed = true;
-        let _ = self.gate.wake.write(1);
-        while st.parked < st.threads {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let stuck = st.threads - st.parked;
-                drop(st);
-                self.release();
-                return Err(Error::Io(format!(
-                    "monitor: {stuck} thread(s) did not stop within {timeout:?}"
-                )));
-            }
-            st = self
-                .gate
-                .cv
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        Ok(())
+        self.gate.hold(timeout)
     }
 
     /// Lets the threads run again after [`hold`](Self::hold) (the update failed).
@@ -540,10 +431,7 @@ impl Monitor {
         for c in &mut lock(&self.clients).list {
             c.held_input = None;
         }
-        let mut st = lock(&self.gate.state);
-        st.closed = false;
-        let _ = self.gate.wake.read();
-        self.gate.cv.notify_all();
+        self.gate.release();
     }
 
     /// Packs the input of a held monitor for the next image: per client, the commands
