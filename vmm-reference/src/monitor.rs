@@ -699,6 +699,7 @@ mod tests {
 #[cfg(test)]
 mod hold_tests {
     use super::*;
+    use std::time::Instant;
     use std::io::{BufRead, BufReader};
     use std::sync::mpsc::{channel, Receiver};
 
