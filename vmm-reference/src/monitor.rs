@@ -699,9 +699,9 @@ mod tests {
 #[cfg(test)]
 mod hold_tests {
     use super::*;
-    use std::time::Instant;
     use std::io::{BufRead, BufReader};
     use std::sync::mpsc::{channel, Receiver};
+    use std::time::Instant;
 
     struct Fixture {
         dir: std::path::PathBuf,

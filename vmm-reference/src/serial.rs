@@ -2,21 +2,32 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! COM1 (16550, vm-superio) with a backend that keeps its fd across a restart.
+//!
+//! Input (from a terminal on stdin, or the socket client) moves into the UART only as fast as
+//! the guest reads it: never more than the receive FIFO has room for, so nothing is dropped
+//! when the FIFO is full, and nothing at all while an update holds the device
+//! ([`SerialDevice::hold`]), so whatever the captured state does not hold is still in the
+//! kernel for the next image. A socket client that stops reading output for
+//! [`WRITE_TIMEOUT`] is disconnected rather than allowed to stall the vCPU that writes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cpr_fd::{FdKind, FdRegistry};
 use cpr_snapshot::prelude::*;
 use cpr_snapshot::Blob;
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::gate::{lock, Gate};
 
 use crate::error::{Error, Result};
 
@@ -24,6 +35,10 @@ use crate::error::{Error, Result};
 pub const COM1_BASE: u16 = 0x3f8;
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
+
+/// How long guest output may wait for a socket client that does not read; the client is
+/// then disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the guest's serial output goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,7 +166,9 @@ impl Write for SerialOut {
                 let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(stream) = guard.as_mut() {
                     if stream.write_all(buf).is_err() {
-                        // The client went away: drop output until another connects.
+                        // Gone, or not reading: disconnect it (its input reader then sees
+                        // the end and accepts the next client) and drop output until then.
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
                         *guard = None;
                     }
                 }
@@ -168,8 +185,21 @@ impl Write for SerialOut {
     }
 }
 
+/// Signals the input thread when the guest has emptied the receive FIFO.
+#[derive(Debug, Clone)]
+pub struct InputRoom(Arc<EventFd>);
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
 /// The emulated UART.
-pub type Uart = Serial<IrqTrigger, NoEvents, SerialOut>;
+pub type Uart = Serial<IrqTrigger, InputRoom, SerialOut>;
 
 /// COM1 and its backend.
 #[derive(Debug)]
@@ -178,6 +208,9 @@ pub struct SerialDevice {
     pub uart: Arc<Mutex<Uart>>,
     backend: Backend,
     terminal: Option<Terminal>,
+    room: Arc<EventFd>,
+    gate: Arc<Gate>,
+    started: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -240,7 +273,8 @@ fn io<'a>(
 }
 
 impl SerialDevice {
-    /// Opens the backend and creates the UART (from saved `state`, if restoring).
+    /// Opens the backend and creates the UART (from saved `state`, if restoring). Input is
+    /// read from [`start_input`](Self::start_input) on.
     pub fn new(cfg: &SerialConfig, state: Option<&SerialSection>, irq: EventFd) -> Result<Self> {
         let backend = match cfg {
             SerialConfig::Stdout => Backend::Stdout,
@@ -269,26 +303,38 @@ impl SerialDevice {
             Backend::Unix { client, .. } => SerialOut::Socket(client.clone()),
             Backend::Null => SerialOut::Null,
         };
+        if let Backend::Unix { client, .. } = &backend {
+            if let Some(c) = lock(client).as_ref() {
+                c.set_write_timeout(Some(WRITE_TIMEOUT))
+                    .map_err(|e| Error::Io(format!("serial socket client: {e}")))?;
+            }
+        }
         let trigger = IrqTrigger(irq);
+        let room = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(format!("serial eventfd: {e}")))?,
+        );
+        let events = InputRoom(room.clone());
         let uart = match state {
-            Some(s) => Serial::from_state(&SerialState::from(s), trigger, NoEvents, out)
+            Some(s) => Serial::from_state(&SerialState::from(s), trigger, events, out)
                 .map_err(|e| Error::State(format!("serial state: {e:?}")))?,
-            None => Serial::new(trigger, out),
+            None => Serial::with_events(trigger, events, out),
         };
         let terminal = match backend {
             Backend::Stdout => Terminal::raw(),
             _ => None,
         };
-        let dev = SerialDevice {
+        Ok(SerialDevice {
             uart: Arc::new(Mutex::new(uart)),
             backend,
             terminal,
-        };
-        dev.start_input();
-        Ok(dev)
+            room,
+            gate: Arc::new(Gate::new("serial input")?),
+            started: AtomicBool::new(false),
+        })
     }
 
     /// Rebuilds the device from fds handed over by the previous image (taken from `fds`).
+    /// Input is read from [`start_input`](Self::start_input) on.
     pub fn from_fds(
         cfg: &SerialConfig,
         fds: &mut FdRegistry,
@@ -368,50 +414,105 @@ impl SerialDevice {
         }
     }
 
-    /// Starts the input thread for the backend, if it has input.
-    fn start_input(&self) {
-        let uart = self.uart.clone();
-        let feed = move |bytes: &[u8]| {
-            let _ = uart
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .enqueue_raw_bytes(bytes);
+    /// Starts reading input (once), if the backend has any.
+    pub fn start_input(&self) {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pump = Pump {
+            uart: self.uart.clone(),
+            room: self.room.clone(),
+            gate: self.gate.clone(),
         };
         match &self.backend {
             Backend::Stdout if self.terminal.is_some() => {
+                // A duplicate of fd 0, read directly: std's stdin buffers ahead, and what it
+                // buffered would be lost at exec.
+                let Ok(stdin) = std::io::stdin().as_fd().try_clone_to_owned() else {
+                    log::warn!("serial: cannot duplicate stdin; no console input");
+                    return;
+                };
+                self.gate.thread_started();
                 std::thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n @ 1..) = std::io::stdin().read(&mut buf) {
-                        feed(&buf[..n]);
-                    }
+                    pump.run(&mut File::from(stdin));
+                    pump.gate.thread_ended();
                 });
             }
             Backend::Unix { listener, client } => {
                 let listener = listener.clone();
                 let client = client.clone();
-                let existing = client
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .and_then(|c| c.try_clone().ok());
+                let existing = lock(&client).as_ref().and_then(|c| c.try_clone().ok());
+                self.gate.thread_started();
                 std::thread::spawn(move || {
-                    let serve = |mut s: UnixStream| {
-                        let mut buf = [0u8; 64];
-                        while let Ok(n @ 1..) = s.read(&mut buf) {
-                            feed(&buf[..n]);
-                        }
-                    };
-                    if let Some(s) = existing {
-                        serve(s);
+                    if let Some(mut s) = existing {
+                        pump.run(&mut s);
                     }
-                    for s in listener.incoming().flatten() {
-                        let Ok(reader) = s.try_clone() else { continue };
-                        *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                        serve(reader);
+                    loop {
+                        pump.gate.until_readable(listener.as_fd(), || {});
+                        let Ok((s, _)) = listener.accept() else {
+                            continue;
+                        };
+                        let Ok(mut reader) = s.try_clone() else {
+                            continue;
+                        };
+                        if s.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
+                            continue;
+                        }
+                        *lock(&client) = Some(s);
+                        pump.run(&mut reader);
                     }
                 });
             }
             _ => {}
+        }
+    }
+
+    /// Stops moving input into the UART, before its state is captured for an update: bytes
+    /// not yet moved stay in the kernel for the next image. Fails, and carries on, if the
+    /// input thread does not stop within `timeout`.
+    pub fn hold(&self, timeout: Duration) -> Result<()> {
+        self.gate.hold(timeout)
+    }
+
+    /// Moves input again after a failed update.
+    pub fn release(&self) {
+        self.gate.release();
+    }
+}
+
+/// Moves input into the UART as the guest makes room for it.
+struct Pump {
+    uart: Arc<Mutex<Uart>>,
+    room: Arc<EventFd>,
+    gate: Arc<Gate>,
+}
+
+impl Pump {
+    /// Until `src` ends or fails.
+    fn run<S: Read + AsFd>(&self, src: &mut S) {
+        let mut buf = [0u8; 64];
+        loop {
+            // Read the signal before looking at the FIFO, so that a guest emptying it in
+            // between leaves the eventfd readable and the wait below returns.
+            let _ = self.room.read();
+            let free = lock(&self.uart).fifo_capacity().min(buf.len());
+            if free == 0 {
+                // SAFETY: the eventfd is owned by `self.room`, which outlives the borrow.
+                let room = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.room.as_raw_fd()) };
+                self.gate.until_readable(room, || {});
+                continue;
+            }
+            self.gate.until_readable(src.as_fd(), || {});
+            let n = match src.read(&mut buf[..free]) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            // Only this thread adds input, so the room seen above is still there.
+            if let Err(e) = lock(&self.uart).enqueue_raw_bytes(&buf[..n]) {
+                log::warn!("serial: input dropped: {e:?}");
+            }
         }
     }
 }
@@ -463,5 +564,99 @@ mod tests {
         }
         assert_eq!(std::fs::read(&path).unwrap(), b"hi\n");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    struct SocketDir(PathBuf);
+
+    impl SocketDir {
+        fn new(tag: &str) -> SocketDir {
+            let d = std::env::temp_dir().join(format!("cpr-serial-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir(&d).unwrap();
+            SocketDir(d)
+        }
+        fn config(&self) -> SerialConfig {
+            SerialConfig::Unix(self.0.join("s.sock"))
+        }
+    }
+
+    impl Drop for SocketDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn irq() -> EventFd {
+        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    /// Reads the receive register as a guest driver would, until `got` holds `want` bytes.
+    fn guest_reads(dev: &SerialDevice, want: usize, got: &mut Vec<u8>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got.len() < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {want} bytes arrived",
+                got.len()
+            );
+            let mut uart = dev.uart.lock().unwrap();
+            if uart.read(5) & 1 != 0 {
+                got.push(uart.read(0));
+            } else {
+                drop(uart);
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn input_waits_for_room_in_the_fifo_and_nothing_is_dropped() {
+        let dir = SocketDir::new("room");
+        let dev = SerialDevice::new(&dir.config(), None, irq()).unwrap();
+        dev.start_input();
+        let mut client = UnixStream::connect(dir.0.join("s.sock")).unwrap();
+        let sent = pattern(1000); // the FIFO holds 64
+        client.write_all(&sent).unwrap();
+        let mut got = Vec::new();
+        guest_reads(&dev, sent.len(), &mut got);
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn held_input_stays_in_the_kernel_for_the_next_device() {
+        let dir = SocketDir::new("hold");
+        let old = SerialDevice::new(&dir.config(), None, irq()).unwrap();
+        old.start_input();
+        let mut client = UnixStream::connect(dir.0.join("s.sock")).unwrap();
+        let sent = pattern(300);
+        client.write_all(&sent).unwrap();
+        let mut got = Vec::new();
+        // Empty the FIFO once, so the input thread is busy refilling it.
+        guest_reads(&old, 64, &mut got);
+        // An update: hold, capture, hand the fds over, build the next device.
+        old.hold(Duration::from_secs(60)).unwrap();
+        let state = old.state();
+        // While held, nothing more moves into the old UART, even once it is empty.
+        let mut captured = Vec::new();
+        guest_reads(&old, state.in_buffer.len(), &mut captured);
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(200) {
+            assert_eq!(
+                old.uart.lock().unwrap().read(5) & 1,
+                0,
+                "input moved while held"
+            );
+            std::thread::yield_now();
+        }
+        let mut reg = FdRegistry::new();
+        old.register_fds(&mut reg).unwrap();
+        let new = SerialDevice::from_fds(&dir.config(), &mut reg, &state, irq()).unwrap();
+        new.start_input();
+        guest_reads(&new, sent.len(), &mut got);
+        assert_eq!(got, sent, "every byte once, in order");
     }
 }

@@ -248,6 +248,7 @@ impl Vmm {
             )?);
         }
         machine.start(self.tx.clone())?;
+        machine.serial.start_input();
         log::info!(
             "booted {} guest: {} MiB {}, {} vCPUs",
             self.guest,
@@ -451,6 +452,11 @@ impl Vmm {
         );
         let data = json!({"mode": cpr.mode, "status": "completed", "blackout-us": blackout_us, "phases-us": phases});
         self.last_update = Some(data.clone());
+        // Console input, only now: until the commit of a transfer the old process may
+        // still resume the guest, and the input must be there for it.
+        if let Some(m) = &self.machine {
+            m.serial.start_input();
+        }
         if let Some(m) = &self.monitor {
             if cpr.was_running {
                 m.event("RESUME", None);
@@ -860,14 +866,14 @@ impl Vmm {
                 .map_err(|e| q(format!("cannot find own executable: {e}")))?,
         };
         self.event("CPR", Some(json!({"mode": "restart", "status": "started"})));
-        let held = self.hold_monitor()?;
+        let held = self.hold_input()?;
         let carried = self.carry_monitor(&held);
         let mut reg = FdRegistry::new();
         let (bytes, was_running, stop_ns) =
             match self.stop_and_encode("restart", Some(req), Some(&mut reg), carried.as_ref()) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.release_monitor(held);
+                    self.release_input(held);
                     return Err(q(e));
                 }
             };
@@ -875,7 +881,7 @@ impl Vmm {
             log::info!("restart of a paused VM: it stays paused");
         }
         let Some(m) = self.machine.as_mut() else {
-            self.release_monitor(held);
+            self.release_input(held);
             return Err(q("no VM"));
         };
         let failure = (|| -> Result<Error> {
@@ -912,18 +918,26 @@ impl Vmm {
         // Still here: the update failed and the old process carries on.
         drop(reg);
         let e = self.resume_after_failed_update("restart", was_running, &failure);
-        self.release_monitor(held);
+        self.release_input(held);
         Err(e)
     }
 
-    /// Parks the monitor for an update and takes what is queued for the control loop, so
-    /// that nothing a client sends during the update is lost: the next image replays it
-    /// ([`carry_monitor`](Self::carry_monitor)), or this one does if the update fails
-    /// ([`release_monitor`](Self::release_monitor)).
-    fn hold_monitor(&mut self) -> std::result::Result<Vec<ControlMsg>, QmpError> {
+    /// Stops reading console and monitor input for an update and takes what is queued for
+    /// the control loop, so that nothing a client sends during the update is lost: the next
+    /// image reads or replays it ([`carry_monitor`](Self::carry_monitor)), or this one does
+    /// if the update fails ([`release_input`](Self::release_input)).
+    fn hold_input(&mut self) -> std::result::Result<Vec<ControlMsg>, QmpError> {
+        let not_started = |e: Error| q(format!("update not started: {e}"));
+        if let Some(m) = &self.machine {
+            m.serial.hold(HOLD_TIMEOUT).map_err(not_started)?;
+        }
         if let Some(m) = &self.monitor {
-            m.hold(HOLD_TIMEOUT)
-                .map_err(|e| q(format!("update not started: {e}")))?;
+            if let Err(e) = m.hold(HOLD_TIMEOUT) {
+                if let Some(m) = &self.machine {
+                    m.serial.release();
+                }
+                return Err(not_started(e));
+            }
         }
         Ok(self.rx.try_iter().collect())
     }
@@ -938,13 +952,16 @@ impl Vmm {
     }
 
     /// The update failed: queues the held messages again, ahead of anything new, and lets
-    /// the monitor read again.
-    fn release_monitor(&mut self, held: Vec<ControlMsg>) {
+    /// the monitor and the console read again.
+    fn release_input(&mut self, held: Vec<ControlMsg>) {
         for msg in held {
             let _ = self.tx.send(msg);
         }
         if let Some(m) = &self.monitor {
             m.release();
+        }
+        if let Some(m) = &self.machine {
+            m.serial.release();
         }
     }
 
@@ -1074,19 +1091,19 @@ impl Vmm {
             "CPR",
             Some(json!({"mode": "transfer", "status": "started"})),
         );
-        let held = self.hold_monitor()?;
+        let held = self.hold_input()?;
         let carried = self.carry_monitor(&held);
         let mut reg = FdRegistry::new();
         let (bytes, was_running, _) =
             match self.stop_and_encode("transfer", Some(req), Some(&mut reg), carried.as_ref()) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.release_monitor(held);
+                    self.release_input(held);
                     return Err(q(e));
                 }
             };
         let Some(m) = self.machine.as_ref() else {
-            self.release_monitor(held);
+            self.release_input(held);
             return Err(q("no VM"));
         };
         let outcome = (|| -> Result<()> {
@@ -1116,7 +1133,7 @@ impl Vmm {
             Err(e) => {
                 drop(reg);
                 let e = self.resume_after_failed_update("transfer", was_running, &e);
-                self.release_monitor(held);
+                self.release_input(held);
                 Err(e)
             }
         }
