@@ -38,8 +38,8 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long vCPUs get to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an update waits for the monitor's threads to park: longer than a reply can be
-/// stuck on a client that does not read.
+/// How long an update waits for the console's and the monitor's reader threads to park:
+/// longer than a write can be stuck on a client that does not read.
 const HOLD_TIMEOUT: Duration = crate::monitor::WRITE_TIMEOUT.saturating_add(Duration::from_secs(5));
 /// Largest guest RAM.
 pub const MAX_MEMORY: u64 = 3 << 30;
