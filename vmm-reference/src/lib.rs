@@ -39,7 +39,7 @@ pub fn main_with(cli: config::Cli) -> i32 {
         config::Command::Run(cfg) => match vmm::Vmm::start(*cfg).and_then(vmm::Vmm::run) {
             Ok(_) => 0,
             Err(e) => {
-                log::error!("{e}");
+                // Once, without log decoration: this is the process's answer.
                 eprintln!("vmm-reference: {e}");
                 1
             }
