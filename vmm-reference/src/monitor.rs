@@ -360,7 +360,7 @@ impl Monitor {
             clients.idle.push((id, reader));
         }
         drop(clients);
-        m.next_id.store(max_id + 1, Ordering::SeqCst);
+        m.next_id.store(max_id.saturating_add(1), Ordering::SeqCst);
         Ok(Some(m))
     }
 
