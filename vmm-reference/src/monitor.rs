@@ -281,13 +281,24 @@ pub fn parse_command(v: Value) -> std::result::Result<ParsedCommand, (QmpError, 
 /// Runs monitor input through the same splitting, JSON parsing and command checks as a
 /// connection does, without a VMM (for the fuzzer and its seed replay). Returns the number of
 /// well-formed commands.
+///
+/// It also checks that handing a reader over mid-stream is invisible: a second splitter is
+/// saved and resumed ([`Splitter::save`], [`Splitter::resume`]) after every piece, as at an
+/// update, and must produce exactly what the first one does; it panics if not.
 #[doc(hidden)]
 pub fn fuzz_input(data: &[u8]) -> usize {
     let mut splitter = Splitter::default();
+    let mut handed_over = Splitter::default();
     let mut commands = 0;
     // Feed in uneven pieces, as a socket would deliver them.
     for chunk in data.chunks(7) {
-        for piece in splitter.push(chunk) {
+        let pieces = splitter.push(chunk);
+        let (skipping, partial) = handed_over.save();
+        let (resumed, replayed) = Splitter::resume(skipping, &partial);
+        assert!(replayed.is_empty(), "resuming saved state produced {replayed:?}");
+        handed_over = resumed;
+        assert_eq!(handed_over.push(chunk), pieces, "a handed-over reader diverged");
+        for piece in pieces {
             if let Piece::Message(text) = piece {
                 if let Ok(v) = serde_json::from_slice::<Value>(&text) {
                     commands += usize::from(parse_command(v).is_ok());
