@@ -295,9 +295,16 @@ pub fn fuzz_input(data: &[u8]) -> usize {
         let pieces = splitter.push(chunk);
         let (skipping, partial) = handed_over.save();
         let (resumed, replayed) = Splitter::resume(skipping, &partial);
-        assert!(replayed.is_empty(), "resuming saved state produced {replayed:?}");
+        assert!(
+            replayed.is_empty(),
+            "resuming saved state produced {replayed:?}"
+        );
         handed_over = resumed;
-        assert_eq!(handed_over.push(chunk), pieces, "a handed-over reader diverged");
+        assert_eq!(
+            handed_over.push(chunk),
+            pieces,
+            "a handed-over reader diverged"
+        );
         for piece in pieces {
             if let Piece::Message(text) = piece {
                 if let Ok(v) = serde_json::from_slice::<Value>(&text) {
