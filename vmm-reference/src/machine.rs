@@ -427,7 +427,12 @@ fn vcpu_loop(
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 Some(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
             }
-            Ok(VcpuExit::InternalError) => Some("KVM internal error".to_string()),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the run structure's exit union holds
+                // `internal`, a plain-data struct.
+                let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Some(format!("KVM internal error, suberror {suberror}"))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(format!("system event {kind}")),
             Ok(other) => {
                 log::debug!("vCPU {index}: unhandled exit {other:?}");
@@ -439,7 +444,13 @@ fn vcpu_loop(
             }
             Err(e) => Some(format!("KVM_RUN: {e}")),
         };
-        if let Some(reason) = fatal {
+        if let Some(mut reason) = fatal {
+            if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+                reason.push_str(&format!(
+                    " (rip {:#x}, rsp {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x})",
+                    r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                ));
+            }
             log::error!("vCPU {index}: {reason}");
             let _ = events.send(crate::ControlMsg::Vcpu(VcpuEvent::Fatal { index, reason }));
             // Stay parkable so the VMM can still stop and tear down.
