@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! A Linux kernel loaded by linux-loader starts and prints its first console lines through
-//! our COM1, and keeps booting across a VMM restart. Needs `CPR_TEST_KERNEL` (a bzImage or
+//! our COM1, and keeps booting across a VMM restart and a transfer to a new process. Needs `CPR_TEST_KERNEL` (a bzImage or
 //! vmlinux; `.ci/run` extracts one from Debian's linux-image-cloud-amd64) and /dev/kvm;
 //! skips, saying so, otherwise.
 //!
@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmm_reference::demo::{skipped, wait_exit};
+use vmm_reference::demo::{skipped, spawn_transfer_target, wait_exit};
 use vmm_reference::qmp_client::QmpClient;
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 noapic noacpi nokaslr noxsave";
@@ -189,7 +189,7 @@ fn timestamps(text: &str) -> Vec<f64> {
 }
 
 #[test]
-fn linux_keeps_booting_across_a_restart() {
+fn linux_keeps_booting_across_a_restart_and_a_transfer() {
     let Some(kernel) = kernel_or_skip() else {
         return;
     };
@@ -212,6 +212,29 @@ fn linux_keeps_booting_across_a_restart() {
         .execute("cpr-save", json!({"mode": "restart"}))
         .unwrap();
     assert_eq!(r["mode"], "restart", "{r}");
+    // A few seconds of guest time later, hand the VM to a new process.
+    guest.wait_for(&["smpboot: Allowing".to_string()]);
+    let sock = guest.dir.join("xfer.sock");
+    let target = spawn_transfer_target(
+        Path::new(env!("CARGO_BIN_EXE_vmm-reference")),
+        &sock,
+        &guest.dir.join("new.log"),
+    )
+    .unwrap();
+    let t = guest
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", sock.display())}),
+        )
+        .unwrap();
+    assert_eq!(t["mode"], "transfer", "{t}");
+    assert_eq!(
+        wait_exit(&mut guest.child, Duration::from_secs(60)).unwrap(),
+        0,
+        "the old VMM exits"
+    );
+    guest.child = target;
     // The kernel carries on from where it was: later boot messages appear, after everything
     // it printed before, with its clock never going back.
     let after = guest.wait_for(&["Memory: ".to_string()]);
@@ -227,8 +250,9 @@ fn linux_keeps_booting_across_a_restart() {
     );
     let _ = std::fs::remove_dir_all(&scratch);
     println!(
-        "restart blackout {} us; then: {}",
+        "restart blackout {} us, transfer blackout {} us; then: {}",
         r["blackout-us"],
+        t["blackout-us"],
         after
             .lines()
             .find(|l| l.contains("Memory: "))
