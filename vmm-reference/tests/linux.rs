@@ -206,7 +206,11 @@ fn linux_keeps_booting_across_a_restart_and_a_transfer() {
         }
     };
     let mut guest = Guest::start("restart", &elf);
-    let before = guest.wait_for(&first_lines());
+    guest.wait_for(&first_lines());
+    let before = guest.serial();
+    // Here the kernel needs tens of seconds to get from its first lines to `Memory:`; under
+    // hardware virtualization it may be past it already, and there is nothing to observe.
+    let observable = !before.contains("Memory: ");
     let r = guest
         .qmp
         .execute("cpr-save", json!({"mode": "restart"}))
@@ -235,6 +239,13 @@ fn linux_keeps_booting_across_a_restart_and_a_transfer() {
         "the old VMM exits"
     );
     guest.child = target;
+    if !observable {
+        skipped("the kernel printed `Memory:` before the restart; only checking it still runs");
+        let status = guest.qmp.execute("query-status", json!({})).unwrap();
+        assert_eq!(status["status"], "running", "{status}");
+        let _ = std::fs::remove_dir_all(&scratch);
+        return;
+    }
     // The kernel carries on from where it was: later boot messages appear, after everything
     // it printed before, with its clock never going back.
     let after = guest.wait_for(&["Memory: ".to_string()]);
