@@ -89,13 +89,35 @@ fn start(dir: &Dir, args: &[String], log: &str) -> Vm {
 /// Skips (saying so) without /dev/kvm; otherwise starts a VMM with `memory` and `vcpus` and
 /// waits until the guest printed `lines` lines.
 fn boot(tag: &str, memory: &str, vcpus: u32, lines: u64) -> Option<(Dir, Vm, Status)> {
+    let (dir, _, vm, before) = boot_with(tag, |_| memory.to_string(), vcpus, lines)?;
+    Some((dir, vm, before))
+}
+
+/// [`boot`] on the test's `/dev/shm` file, as a reboot needs; also returns the command line,
+/// for the next VMM.
+fn boot_on_shm(tag: &str, vcpus: u32, lines: u64) -> Option<(Dir, Vec<String>, Vm, Status)> {
+    boot_with(
+        tag,
+        |dir| format!("shm:{}", dir.shm.display()),
+        vcpus,
+        lines,
+    )
+}
+
+fn boot_with(
+    tag: &str,
+    memory: impl FnOnce(&Dir) -> String,
+    vcpus: u32,
+    lines: u64,
+) -> Option<(Dir, Vec<String>, Vm, Status)> {
     if !have_kvm() {
         return None;
     }
     let dir = Dir::new(tag);
-    let mut vm = start(&dir, &args(&dir, memory, vcpus), "vmm.log");
+    let base = args(&dir, &memory(&dir), vcpus);
+    let mut vm = start(&dir, &base, "vmm-1.log");
     let before = wait_progress(&mut vm.qmp, &boot_status(vcpus as usize), lines).unwrap();
-    Some((dir, vm, before))
+    Some((dir, base, vm, before))
 }
 
 fn boot_status(vcpus: usize) -> Status {
@@ -304,14 +326,9 @@ fn failed_exec_leaves_the_guest_running_in_the_old_process() {
 
 #[test]
 fn reboot_restores_in_a_new_process_and_hides_the_downtime() {
-    if !have_kvm() {
+    let Some((dir, base, mut vm, before)) = boot_on_shm("reboot", 2, 2) else {
         return;
-    }
-    let dir = Dir::new("reboot");
-    let memory = format!("shm:{}", dir.shm.display());
-    let base = args(&dir, &memory, 2);
-    let mut vm = start(&dir, &base, "vmm-1.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(2), 2).unwrap();
+    };
     let t0 = Instant::now();
     let r = vm
         .qmp
@@ -384,14 +401,9 @@ fn status_from_file_check(dir: &Dir) -> bool {
 
 #[test]
 fn corrupt_or_truncated_state_is_refused_and_memory_left_untouched() {
-    if !have_kvm() {
+    let Some((dir, base, mut vm, _)) = boot_on_shm("corrupt", 1, 1) else {
         return;
-    }
-    let dir = Dir::new("corrupt");
-    let memory = format!("shm:{}", dir.shm.display());
-    let base = args(&dir, &memory, 1);
-    let mut vm = start(&dir, &base, "vmm-1.log");
-    wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    };
     vm.qmp
         .execute(
             "cpr-save",
@@ -524,14 +536,9 @@ fn malformed_monitor_input_gets_qmp_errors_and_the_vm_keeps_running() {
 
 #[test]
 fn deferred_incoming_waits_for_cpr_load() {
-    if !have_kvm() {
+    let Some((dir, base, mut vm, before)) = boot_on_shm("defer", 1, 1) else {
         return;
-    }
-    let dir = Dir::new("defer");
-    let memory = format!("shm:{}", dir.shm.display());
-    let base = args(&dir, &memory, 1);
-    let mut vm = start(&dir, &base, "vmm-1.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
+    };
     vm.qmp
         .execute(
             "cpr-save",
