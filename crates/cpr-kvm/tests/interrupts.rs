@@ -13,8 +13,7 @@ use cpr_kvm::{
     capture_vcpu, capture_vm, complete_pending_io, restore_vcpu, restore_vm, ClockPolicy, HostCaps,
 };
 use cpr_memory::{GuestRam, RegionSpec};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Where the guest counts its interrupts.
@@ -93,26 +92,11 @@ fn guest_code() -> &'static [u8] {
     // SAFETY: both symbols are defined by the global_asm! above in one read-only section,
     // start before end; the bytes between them are immutable for the program's lifetime.
     unsafe {
-        let start = std::ptr::addr_of!(cpr_kvm_irq_guest_start);
-        let end = std::ptr::addr_of!(cpr_kvm_irq_guest_end);
-        std::slice::from_raw_parts(start, end.offset_from(start) as usize)
+        common::code_between(
+            std::ptr::addr_of!(cpr_kvm_irq_guest_start),
+            std::ptr::addr_of!(cpr_kvm_irq_guest_end),
+        )
     }
-}
-
-fn new_vm(kvm: &Kvm, ram: &GuestRam) -> (VmFd, VcpuFd) {
-    let vm = common::bare_vm(kvm);
-    let (ptr, len) = ram.host_range(0).unwrap();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: len as u64,
-        userspace_addr: ptr as u64,
-        flags: 0,
-    };
-    // SAFETY: the region maps memory owned by `ram`, which outlives the VM in the test.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    (vm, vcpu)
 }
 
 /// Runs until the guest's next exit, which must be a write to `port`; returns the value.
@@ -155,22 +139,8 @@ fn an_interrupt_pending_at_capture_is_delivered_once_after_restore() {
         .unwrap();
 
     // The first VM: raise the line while the guest has interrupts disabled, capture.
-    let (vm, mut vcpu) = new_vm(&kvm, &ram);
-    vcpu.set_cpuid2(
-        &kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .unwrap(),
-    )
-    .unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    vcpu.set_regs(&kvm_bindings::kvm_regs {
-        rip: CODE_ADDR,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let (vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
+    common::start_real_mode(&kvm, &vcpu, CODE_ADDR);
     run_to(&mut vcpu, 0x10);
     vm.set_irq_line(IRQ, true).unwrap();
     vm.set_irq_line(IRQ, false).unwrap();
@@ -182,7 +152,7 @@ fn an_interrupt_pending_at_capture_is_delivered_once_after_restore() {
     drop(vm);
 
     // A fresh VM with the captured state takes the interrupt, once.
-    let (vm, mut vcpu) = new_vm(&kvm, &ram);
+    let (vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
     restore_vm(&vm, &vm_state, ClockPolicy::Frozen, 0).unwrap();
     restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap();
     assert_eq!(
@@ -198,7 +168,7 @@ fn an_interrupt_pending_at_capture_is_delivered_once_after_restore() {
     ram.memory()
         .write_obj(0u16, GuestAddress(COUNT_ADDR))
         .unwrap();
-    let (_vm, mut vcpu) = new_vm(&kvm, &ram);
+    let (_vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
     restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap();
     assert_eq!(
         run_to(&mut vcpu, 0x11),

@@ -19,8 +19,7 @@ use cpr_kvm::{
 };
 use cpr_memory::{GuestRam, MemoryLayout, MemoryOptions, RegionSpec};
 use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 // A real-mode guest: acc = (3*acc + i) ^ mem[0x3000]; mem[0x3000] = acc, for i in 0..4096;
@@ -69,9 +68,10 @@ fn guest_code() -> &'static [u8] {
     // SAFETY: both symbols are defined by the global_asm! above in one read-only section,
     // start before end; the bytes between them are immutable for the program's lifetime.
     unsafe {
-        let start = std::ptr::addr_of!(cpr_kvm_test_guest_start);
-        let end = std::ptr::addr_of!(cpr_kvm_test_guest_end);
-        std::slice::from_raw_parts(start, end.offset_from(start) as usize)
+        common::code_between(
+            std::ptr::addr_of!(cpr_kvm_test_guest_start),
+            std::ptr::addr_of!(cpr_kvm_test_guest_end),
+        )
     }
 }
 
@@ -87,40 +87,11 @@ fn kvm_or_skip() -> Option<Kvm> {
     }
 }
 
-fn new_vm(kvm: &Kvm, ram: &GuestRam) -> (VmFd, VcpuFd) {
-    let vm = common::bare_vm(kvm);
-    let (ptr, len) = ram.host_range(0).unwrap();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: len as u64,
-        userspace_addr: ptr as u64,
-        flags: 0,
-    };
-    // SAFETY: the region maps memory owned by `ram`, which outlives the VM in every test.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    (vm, vcpu)
-}
-
 fn boot(kvm: &Kvm, vcpu: &VcpuFd, ram: &GuestRam) {
     ram.memory()
         .write_slice(guest_code(), GuestAddress(0x1000))
         .unwrap();
-    let cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .unwrap();
-    vcpu.set_cpuid2(&cpuid).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let regs = kvm_bindings::kvm_regs {
-        rip: 0x1000,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).unwrap();
+    common::start_real_mode(kvm, vcpu, 0x1000);
 }
 
 #[derive(Debug, Default)]
@@ -184,7 +155,7 @@ fn restore_and_finish(state_path: &Path) -> Run {
     let vm_state: VmState = snap.take(0).unwrap();
     let vcpu_state: VcpuState = snap.take(0).unwrap();
     let ram = GuestRam::reattach(&layout, &mut HashMap::new(), &MemoryOptions::default()).unwrap();
-    let (vm, mut vcpu) = new_vm(&kvm, &ram);
+    let (vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
     restore_vm(&vm, &vm_state, ClockPolicy::Frozen, 0).unwrap();
     let report = restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap();
     eprintln!("refused MSRs on restore: {:x?}", report.refused_msrs);
@@ -209,7 +180,7 @@ fn restored_vcpu_finishes_like_an_uninterrupted_one() {
         .region(RegionSpec::memfd("ref", 0, MEM))
         .build()
         .unwrap();
-    let (_vm, mut vcpu) = new_vm(&kvm, &ram);
+    let (_vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
     boot(&kvm, &vcpu, &ram);
     let mut reference = Run::default();
     run(&mut vcpu, &mut reference, None);
@@ -224,7 +195,7 @@ fn restored_vcpu_finishes_like_an_uninterrupted_one() {
         .region(RegionSpec::file(&mem_path, 0, MEM))
         .build()
         .unwrap();
-    let (vm, mut vcpu) = new_vm(&kvm, &ram);
+    let (vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
     boot(&kvm, &vcpu, &ram);
     let mut first = Run::default();
     run(&mut vcpu, &mut first, Some(2048));
