@@ -61,6 +61,38 @@ fn check(ret: i32) -> io::Result<i32> {
     }
 }
 
+/// `VFIO_IOMMU_MAP_DMA` with `flags` (a new mapping, or a new host address for one).
+fn dma_map(
+    container: BorrowedFd<'_>,
+    flags: u32,
+    iova: u64,
+    size: u64,
+    vaddr: u64,
+) -> io::Result<()> {
+    let m = vfio_iommu_type1_dma_map {
+        argsz: sz::<vfio_iommu_type1_dma_map>(),
+        flags,
+        vaddr,
+        iova,
+        size,
+    };
+    // SAFETY: the kernel reads the struct of the declared size; the caller keeps
+    // `vaddr..vaddr+size` mapped while the mapping uses it.
+    check(unsafe { ioctl_with_ref(&container, VFIO_IOMMU_MAP_DMA(), &m) }).map(drop)
+}
+
+/// `VFIO_IOMMU_UNMAP_DMA` with `flags` (remove a mapping, or only its host address).
+fn dma_unmap(container: BorrowedFd<'_>, flags: u32, iova: u64, size: u64) -> io::Result<()> {
+    let mut u = vfio_iommu_type1_dma_unmap {
+        argsz: sz::<vfio_iommu_type1_dma_unmap>(),
+        flags,
+        iova,
+        size,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads and updates the struct of the declared size.
+    check(unsafe { ioctl_with_mut_ref(&container, VFIO_IOMMU_UNMAP_DMA(), &mut u) }).map(drop)
+}
 fn open_rw(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
@@ -140,38 +172,21 @@ impl VfioKernel for RealKernel {
         size: u64,
         vaddr: u64,
     ) -> io::Result<()> {
-        let m = vfio_iommu_type1_dma_map {
-            argsz: sz::<vfio_iommu_type1_dma_map>(),
-            flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr,
+        dma_map(
+            container,
+            VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
             iova,
             size,
-        };
-        // SAFETY: the kernel reads the struct; the caller keeps `vaddr..vaddr+size` mapped.
-        check(unsafe { ioctl_with_ref(&container, VFIO_IOMMU_MAP_DMA(), &m) }).map(drop)
+            vaddr,
+        )
     }
 
     fn unmap_dma(&self, container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Result<()> {
-        let mut u = vfio_iommu_type1_dma_unmap {
-            argsz: sz::<vfio_iommu_type1_dma_unmap>(),
-            iova,
-            size,
-            ..Default::default()
-        };
-        // SAFETY: the kernel reads and updates the struct of the declared size.
-        check(unsafe { ioctl_with_mut_ref(&container, VFIO_IOMMU_UNMAP_DMA(), &mut u) }).map(drop)
+        dma_unmap(container, 0, iova, size)
     }
 
     fn invalidate_vaddr(&self, container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Result<()> {
-        let mut u = vfio_iommu_type1_dma_unmap {
-            argsz: sz::<vfio_iommu_type1_dma_unmap>(),
-            flags: VFIO_DMA_UNMAP_FLAG_VADDR,
-            iova,
-            size,
-            ..Default::default()
-        };
-        // SAFETY: the kernel reads and updates the struct of the declared size.
-        check(unsafe { ioctl_with_mut_ref(&container, VFIO_IOMMU_UNMAP_DMA(), &mut u) }).map(drop)
+        dma_unmap(container, VFIO_DMA_UNMAP_FLAG_VADDR, iova, size)
     }
 
     fn update_vaddr(
@@ -181,15 +196,7 @@ impl VfioKernel for RealKernel {
         size: u64,
         vaddr: u64,
     ) -> io::Result<()> {
-        let m = vfio_iommu_type1_dma_map {
-            argsz: sz::<vfio_iommu_type1_dma_map>(),
-            flags: VFIO_DMA_MAP_FLAG_VADDR,
-            vaddr,
-            iova,
-            size,
-        };
-        // SAFETY: the kernel reads the struct; the caller keeps the new range mapped.
-        check(unsafe { ioctl_with_ref(&container, VFIO_IOMMU_MAP_DMA(), &m) }).map(drop)
+        dma_map(container, VFIO_DMA_MAP_FLAG_VADDR, iova, size, vaddr)
     }
 
     fn reset_device(&self, device: BorrowedFd<'_>) -> io::Result<()> {
