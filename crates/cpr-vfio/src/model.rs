@@ -152,6 +152,34 @@ impl Model {
         r
     }
 
+    /// An iommufd mapping of `size` bytes at `iova` in IOAS `ioas` (the model has IOAS 1),
+    /// by host address `vaddr` or by file.
+    fn ioas_insert(
+        &self,
+        fd: BorrowedFd<'_>,
+        ioas: u32,
+        iova: u64,
+        size: u64,
+        vaddr: u64,
+        file: bool,
+    ) -> io::Result<()> {
+        if ioas != 1 {
+            return einval("no such IOAS");
+        }
+        self.with(fd, |o, _| {
+            insert(
+                iommufd(o)?.0,
+                iova,
+                ModelMapping {
+                    size,
+                    vaddr,
+                    invalidated: false,
+                    file,
+                },
+            )
+        })
+    }
+
     fn add(&self, fd: &OwnedFd, obj: ModelObject) -> io::Result<()> {
         let key = ino(fd.as_fd())?;
         self.lock().objects.push((key, obj));
@@ -367,21 +395,7 @@ impl VfioKernel for Model {
         length: u64,
         iova: u64,
     ) -> io::Result<()> {
-        if ioas != 1 {
-            return einval("no such IOAS");
-        }
-        self.with(fd, |o, _| {
-            insert(
-                iommufd(o)?.0,
-                iova,
-                ModelMapping {
-                    size: length,
-                    vaddr: 0,
-                    invalidated: false,
-                    file: true,
-                },
-            )
-        })
+        self.ioas_insert(fd, ioas, iova, length, 0, true)
     }
 
     fn ioas_map(
@@ -392,21 +406,7 @@ impl VfioKernel for Model {
         length: u64,
         iova: u64,
     ) -> io::Result<()> {
-        if ioas != 1 {
-            return einval("no such IOAS");
-        }
-        self.with(fd, |o, _| {
-            insert(
-                iommufd(o)?.0,
-                iova,
-                ModelMapping {
-                    size: length,
-                    vaddr,
-                    invalidated: false,
-                    file: false,
-                },
-            )
-        })
+        self.ioas_insert(fd, ioas, iova, length, vaddr, false)
     }
 
     fn ioas_unmap(&self, fd: BorrowedFd<'_>, _ioas: u32, iova: u64, length: u64) -> io::Result<()> {
