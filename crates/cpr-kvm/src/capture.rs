@@ -136,26 +136,14 @@ pub fn capture_vcpu(vcpu: &VcpuFd, id: u32, caps: &HostCaps) -> Result<(VcpuStat
             edx: e.edx,
         })
         .collect();
-    let xsave = if caps.xsave {
-        to_blob(&vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?)
-    } else {
-        Blob::default()
-    };
-    let xcrs = if caps.xcrs {
-        to_blob(&vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?)
-    } else {
-        Blob::default()
-    };
-    let debugregs = if caps.debugregs {
-        to_blob(&vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?)
-    } else {
-        Blob::default()
-    };
-    let events = if caps.vcpu_events {
-        to_blob(&vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?)
-    } else {
-        Blob::default()
-    };
+    let xsave = optional(caps.xsave, "KVM_GET_XSAVE", || vcpu.get_xsave())?;
+    let xcrs = optional(caps.xcrs, "KVM_GET_XCRS", || vcpu.get_xcrs())?;
+    let debugregs = optional(caps.debugregs, "KVM_GET_DEBUGREGS", || {
+        vcpu.get_debug_regs()
+    })?;
+    let events = optional(caps.vcpu_events, "KVM_GET_VCPU_EVENTS", || {
+        vcpu.get_vcpu_events()
+    })?;
     let state = VcpuState {
         id,
         cpuid,
@@ -329,4 +317,17 @@ pub fn restore_vm(vm: &VmFd, state: &VmState, policy: ClockPolicy, elapsed_ns: u
         },
     };
     vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+}
+
+/// State the host may lack: its bytes, or an empty blob where the host lacks it.
+fn optional<T: zerocopy::IntoBytes + zerocopy::Immutable>(
+    supported: bool,
+    op: &'static str,
+    get: impl FnOnce() -> std::result::Result<T, kvm_ioctls::Error>,
+) -> Result<Blob> {
+    Ok(if supported {
+        to_blob(&get().map_err(kvm(op))?)
+    } else {
+        Blob::default()
+    })
 }
