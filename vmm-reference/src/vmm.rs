@@ -1222,24 +1222,5 @@ fn read_state_file(path: &Path) -> Result<Vec<u8>> {
 pub fn inspect(path: &Path) -> Result<String> {
     let bytes = read_state_file(path)?;
     let info = cpr_snapshot::inspect(bytes.as_slice(), schema().limits())?;
-    let mut out = format!(
-        "{}: {} bytes, written by {} {} at state version {}\n",
-        path.display(),
-        info.total_len,
-        info.header.app_name,
-        info.header.app_version,
-        info.header.state_version
-    );
-    for s in &info.sections {
-        out.push_str(&format!(
-            "  {:<14} instance {:<3} version {:<3} {:>8} bytes at offset {}{}\n",
-            s.name,
-            s.instance,
-            s.version,
-            s.len,
-            s.offset,
-            if s.skippable { " (skippable)" } else { "" }
-        ));
-    }
-    Ok(out)
+    Ok(format!("{}: {info}", path.display()))
 }

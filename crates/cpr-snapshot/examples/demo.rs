@@ -33,25 +33,7 @@ fn run() -> cpr_snapshot::Result<()> {
             source,
         })?;
         let info = inspect(bytes.as_slice(), &Limits::default())?;
-        println!(
-            "{}: {} bytes, written by {} {} at state version {}",
-            path.display(),
-            info.total_len,
-            info.header.app_name,
-            info.header.app_version,
-            info.header.state_version
-        );
-        for s in &info.sections {
-            println!(
-                "  section {:<8} instance {} version {} {:>4} bytes at offset {}{}",
-                s.name,
-                s.instance,
-                s.version,
-                s.len,
-                s.offset,
-                if s.skippable { " (skippable)" } else { "" }
-            );
-        }
+        print!("{}: {info}", path.display());
         if target == schema.latest_version() {
             let mut snap = Snapshot::read_from(bytes.as_slice(), &schema)?;
             let dev = snap.take::<v3::DeviceState>(1)?;

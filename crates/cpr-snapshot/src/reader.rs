@@ -198,6 +198,34 @@ pub struct Inspection {
     pub total_len: u64,
 }
 
+/// A listing: a line with the size, producer and state version, then a line per section
+/// (name, instance, version, length, offset, and whether it is skippable).
+impl std::fmt::Display for Inspection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} bytes, written by {} {} at state version {}",
+            self.total_len,
+            self.header.app_name,
+            self.header.app_version,
+            self.header.state_version
+        )?;
+        for s in &self.sections {
+            writeln!(
+                f,
+                "  {:<14} instance {:<3} version {:<3} {:>8} bytes at offset {}{}",
+                s.name,
+                s.instance,
+                s.version,
+                s.len,
+                s.offset,
+                if s.skippable { " (skippable)" } else { "" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Lists a snapshot's sections without decoding payloads (and without holding them in
 /// memory). The checksum is verified; no schema is needed.
 pub fn inspect<R: Read>(input: R, limits: &Limits) -> Result<Inspection> {

@@ -454,6 +454,21 @@ fn inspect_lists_sections_without_a_schema() {
         ]
     );
     assert_eq!(i.sections[0].offset, FIRST_SECTION as u64);
+    // The listing: a header line, then one line per section.
+    let text = i.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[0].starts_with(&format!("{} bytes, written by ", bytes.len())));
+    assert!(lines[0].ends_with("at state version 2"), "{text}");
+    assert!(
+        lines[1].contains("device") && lines[1].contains(&format!("at offset {FIRST_SECTION}")),
+        "{text}"
+    );
+    assert!(
+        lines[3].contains("stats") && lines[3].ends_with("(skippable)"),
+        "{text}"
+    );
+    assert!(!lines[1].ends_with("(skippable)"), "{text}");
     let mut b = bytes.clone();
     b[FIRST_SECTION + 20] ^= 4;
     assert!(matches!(
