@@ -120,6 +120,24 @@ fn boot_with(
     Some((dir, base, vm, before))
 }
 
+/// `cpr-save` for a reboot into the test's `vm.state`; the VMM must then exit 0. Returns
+/// the answer.
+fn save_for_reboot(dir: &Dir, vm: &mut Vm) -> serde_json::Value {
+    let r = vm
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "reboot", "path": dir.p("vm.state")}),
+        )
+        .unwrap();
+    assert_eq!(
+        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
+        0,
+        "the VMM exits after saving for a reboot"
+    );
+    r
+}
+
 fn boot_status(vcpus: usize) -> Status {
     Status::boot(vcpus)
 }
@@ -330,18 +348,8 @@ fn reboot_restores_in_a_new_process_and_hides_the_downtime() {
         return;
     };
     let t0 = Instant::now();
-    let r = vm
-        .qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "reboot", "path": dir.p("vm.state")}),
-        )
-        .unwrap();
+    let r = save_for_reboot(&dir, &mut vm);
     assert!(r["warnings"][0].as_str().unwrap().contains("kexec"), "{r}");
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0
-    );
     let frozen = status_from_file_check(&dir);
     // A deliberate outage: the guest must not see it.
     let gap = Duration::from_secs(2);
@@ -404,16 +412,7 @@ fn corrupt_or_truncated_state_is_refused_and_memory_left_untouched() {
     let Some((dir, base, mut vm, _)) = boot_on_shm("corrupt", 1, 1) else {
         return;
     };
-    vm.qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "reboot", "path": dir.p("vm.state")}),
-        )
-        .unwrap();
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0
-    );
+    save_for_reboot(&dir, &mut vm);
     let good = std::fs::read(dir.p("vm.state")).unwrap();
     let memory_before = std::fs::read(&dir.shm).unwrap();
 
@@ -539,16 +538,7 @@ fn deferred_incoming_waits_for_cpr_load() {
     let Some((dir, base, mut vm, before)) = boot_on_shm("defer", 1, 1) else {
         return;
     };
-    vm.qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "reboot", "path": dir.p("vm.state")}),
-        )
-        .unwrap();
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0
-    );
+    save_for_reboot(&dir, &mut vm);
     let mut a = base.clone();
     a.extend(["--incoming".into(), "defer".into()]);
     let mut vm = start(&dir, &a, "vmm-2.log");
