@@ -5,10 +5,11 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::error::{os, Error, Result};
 use crate::registry::{open_fds, FdEntry, FdKind, FdManifest, FdRegistry, MAX_MANIFEST_LEN};
@@ -84,24 +85,45 @@ impl Prepared<'_> {
         }
     }
 
-    /// [`exec`](Self::exec) of the running executable (`/proc/self/exe`'s path, so an
-    /// updated binary installed at the same path is the one that starts).
+    /// [`exec`](Self::exec) of the program this process was started from
+    /// ([`startup_executable`]): the path it was started as, so that an updated binary
+    /// installed at that path (by rename, as package managers do) is the one that starts.
+    /// Not `/proc/self/exe`, which names the replaced file ("... (deleted)") after such an
+    /// upgrade, and cannot be executed.
     pub fn exec_self(self, args: &[OsString]) -> Error {
-        match std::env::current_exe() {
+        match startup_executable() {
             Ok(p) => self.exec(&p, args),
-            Err(e) => Error::Exec {
-                path: PathBuf::from("/proc/self/exe"),
-                source: e,
-            },
+            Err(e) => e,
         }
     }
 
-    fn exec_inner(&self, program: &Path, args: &[OsString]) -> Result<std::convert::Infallible> {
+    /// Like [`exec`](Self::exec), of the open file `program` instead of a path
+    /// (`fexecve`), with `argv0` as `argv[0]`. It runs exactly that file even if its path
+    /// now names another one, e.g. to go back to the binary that was replaced by an upgrade:
+    /// open `/proc/self/exe` before the upgrade's exec and keep the fd. `program` must be an
+    /// ELF binary (a script would need its fd to survive the exec, which this does not
+    /// arrange).
+    pub fn exec_fd(self, program: BorrowedFd<'_>, argv0: &OsStr, args: &[OsString]) -> Error {
+        let (argv, envp) = match self.exec_strings(argv0, args) {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        Error::Exec {
+            path: PathBuf::from(format!("/proc/self/fd/{}", program.as_raw_fd())),
+            source: sys::fexecve(program, &argv, &envp),
+        }
+    }
+
+    /// argv (with `argv0` first) and the environment with [`MANIFEST_ENV`] set.
+    fn exec_strings(
+        &self,
+        argv0: &OsStr,
+        args: &[OsString],
+    ) -> Result<(Vec<CString>, Vec<CString>)> {
         let cstr = |s: &OsStr| {
             CString::new(s.as_bytes()).map_err(|_| Error::NulInArgument(s.to_os_string()))
         };
-        let path = cstr(program.as_os_str())?;
-        let mut argv = vec![path.clone()];
+        let mut argv = vec![cstr(argv0)?];
         for a in args {
             argv.push(cstr(a)?);
         }
@@ -118,6 +140,13 @@ impl Prepared<'_> {
             "{MANIFEST_ENV}={}",
             self.env_value()
         )))?);
+        Ok((argv, envp))
+    }
+
+    fn exec_inner(&self, program: &Path, args: &[OsString]) -> Result<std::convert::Infallible> {
+        let path = CString::new(program.as_os_str().as_bytes())
+            .map_err(|_| Error::NulInArgument(program.as_os_str().to_os_string()))?;
+        let (argv, envp) = self.exec_strings(program.as_os_str(), args)?;
         let source = sys::execve(&path, &argv, &envp);
         Err(Error::Exec {
             path: program.to_path_buf(),
@@ -138,6 +167,53 @@ impl Drop for Prepared<'_> {
     }
 }
 
+static STARTUP_EXE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+
+/// The path this program was started from, resolved at the first call (call it early, before
+/// the working directory changes: [`reclaim`] does).
+///
+/// `argv[0]` is resolved as the shell did: against the working directory if it contains a
+/// `/`, else through `PATH`. It is kept, not canonicalized, so a symlink that an upgrade
+/// repoints is followed at the next exec. It is used only if it named this very executable
+/// at start-up (same device and inode as `/proc/self/exe`); otherwise (an `argv[0]` set to
+/// something else) the path `/proc/self/exe` named at start-up is used.
+pub fn startup_executable() -> Result<PathBuf> {
+    STARTUP_EXE
+        .get_or_init(resolve_startup_executable)
+        .clone()
+        .map_err(|reason| Error::Exec {
+            path: PathBuf::from("/proc/self/exe"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, reason),
+        })
+}
+
+fn resolve_startup_executable() -> std::result::Result<PathBuf, String> {
+    let exe =
+        std::fs::metadata("/proc/self/exe").map_err(|e| format!("stat /proc/self/exe: {e}"))?;
+    let same = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            m.dev() == exe.dev() && m.ino() == exe.ino() && m.permissions().mode() & 0o111 != 0
+        })
+    };
+    if let Some(argv0) = std::env::args_os().next().map(PathBuf::from) {
+        let candidate = if argv0.as_os_str().as_bytes().contains(&b'/') {
+            std::env::current_dir().ok().map(|d| d.join(&argv0))
+        } else {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(&argv0))
+                    .find(|p| p.is_absolute() && same(p))
+            })
+        };
+        if let Some(p) = candidate.filter(|p| same(p)) {
+            return Ok(p);
+        }
+    }
+    let link = std::fs::read_link("/proc/self/exe")
+        .map_err(|e| format!("readlink /proc/self/exe: {e}"))?;
+    Ok(link)
+}
+
 /// Takes back the registry an earlier image prepared, if [`MANIFEST_ENV`] is set; `Ok(None)`
 /// if it is not (a normal start).
 ///
@@ -149,6 +225,8 @@ impl Drop for Prepared<'_> {
 /// closed so they do not leak; fd numbers that are not what the manifest says are left
 /// alone, since they belong to someone else.
 pub fn reclaim() -> Result<Option<FdRegistry>> {
+    // Resolve it now, while the working directory is still the one we started in.
+    let _ = startup_executable();
     let Some(value) = std::env::var_os(MANIFEST_ENV) else {
         return Ok(None);
     };

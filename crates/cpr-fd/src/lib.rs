@@ -45,7 +45,7 @@ mod sys;
 mod transfer;
 
 pub use error::{Error, Result};
-pub use exec::{reclaim, Prepared, MANIFEST_ENV};
+pub use exec::{reclaim, startup_executable, Prepared, MANIFEST_ENV};
 pub use registry::{
     open_fds, FdEntry, FdIdentity, FdKind, FdRegistry, MAX_MANIFEST_LEN, MAX_METADATA_LEN,
     MAX_NAME_LEN,

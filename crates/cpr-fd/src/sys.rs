@@ -96,6 +96,19 @@ pub fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
     io::Error::last_os_error()
 }
 
+/// `fexecve(fd, argv, envp)` (an `execveat` of the open file with `AT_EMPTY_PATH`);
+/// returns only on failure.
+pub fn fexecve(fd: BorrowedFd<'_>, argv: &[CString], envp: &[CString]) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: fd is open for the duration of the call (borrowed); every array element is a
+    // NUL-terminated string kept alive by the caller's borrows; both arrays end with NULL.
+    unsafe { libc::fexecve(fd.as_raw_fd(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    io::Error::last_os_error()
+}
+
 /// What one [`recv_fds`] call got.
 #[derive(Debug)]
 pub struct Received {

@@ -105,6 +105,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SchemaError;
     use std::os::unix::fs::MetadataExt;
 
     fn tempdir(tag: &str) -> PathBuf {
@@ -145,9 +146,12 @@ mod tests {
         std::fs::write(&p, b"old").unwrap();
         let err = save_to_path(&p, |w| {
             w.write_all(b"partial").unwrap();
-            Err(Error::Schema("boom".into()))
+            Err(Error::Schema(SchemaError::TooManyVersions))
         });
-        assert!(matches!(err, Err(Error::Schema(_))));
+        assert!(matches!(
+            err,
+            Err(Error::Schema(SchemaError::TooManyVersions))
+        ));
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert_eq!(entries(&d), vec!["state"]);
         std::fs::remove_dir_all(&d).unwrap();

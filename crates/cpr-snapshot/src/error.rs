@@ -56,23 +56,47 @@ pub enum Error {
         /// Version this library reads.
         supported: u16,
     },
-    /// The state version in the file is newer than the reader's schema knows, or is zero.
+    /// The state version in the file is newer than the reader's schema knows, older than the
+    /// oldest it still reads, or zero.
     #[error(
-        "snapshot state version {found} is not supported (reader knows versions 1..={latest})"
+        "snapshot state version {found} is not supported (reader knows versions {oldest}..={latest})"
     )]
     UnsupportedStateVersion {
         /// State version found in the file.
         found: u16,
+        /// Oldest state version the reader's schema reads.
+        oldest: u16,
         /// Latest state version the reader's schema knows.
         latest: u16,
     },
     /// A writer was asked to write at a state version its schema does not have.
-    #[error("cannot write at state version {target}: schema knows versions 1..={latest}")]
+    #[error("cannot write at state version {target}: schema knows versions {oldest}..={latest}")]
     InvalidTargetVersion {
         /// Requested target version.
         target: u16,
+        /// Oldest version of the writer's schema.
+        oldest: u16,
         /// Latest version of the writer's schema.
         latest: u16,
+    },
+    /// A section type is not declared in the writer's schema.
+    #[error("section `{name}` is not declared in the schema")]
+    UndeclaredSection {
+        /// Section name.
+        name: &'static str,
+    },
+    /// A section does not exist at the state version being written or read: it was
+    /// introduced later.
+    #[error(
+        "section `{name}` was introduced at state version {introduced}, after {state_version}"
+    )]
+    SectionNotInVersion {
+        /// Section name.
+        name: &'static str,
+        /// The state version that introduced it.
+        introduced: u16,
+        /// The state version being written or read.
+        state_version: u16,
     },
     /// A field that must be zero, or a tag with a fixed set of values, holds something else.
     #[error("invalid {what} {value:#x} at offset {offset}")]
@@ -216,7 +240,82 @@ pub enum Error {
     },
     /// The schema description is inconsistent.
     #[error("invalid schema: {0}")]
-    Schema(String),
+    Schema(SchemaError),
+}
+
+/// Why a schema could not be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// A section name breaks the naming rules.
+    #[error("section name `{name}`: {reason}")]
+    InvalidName {
+        /// The name.
+        name: &'static str,
+        /// Which rule.
+        reason: &'static str,
+    },
+    /// Two section types use one name.
+    #[error("section name `{name}` declared twice")]
+    DuplicateSection {
+        /// The name.
+        name: &'static str,
+    },
+    /// More than 65535 state versions.
+    #[error("too many state versions")]
+    TooManyVersions,
+    /// A type version outside `1..=` the type's current version.
+    #[error("type {type_name} version {version} is outside 1..={max}")]
+    TypeVersionOutOfRange {
+        /// The Rust type.
+        type_name: &'static str,
+        /// The version asked for.
+        version: u16,
+        /// The type's current version.
+        max: u16,
+    },
+    /// A later state version gives a type a lower version than an earlier one did.
+    #[error("type {type_name} version {version} is lower than its earlier version {previous}")]
+    TypeVersionLowered {
+        /// The Rust type.
+        type_name: &'static str,
+        /// The version asked for.
+        version: u16,
+        /// The version it had before.
+        previous: u16,
+    },
+    /// A declared type is at a newer version than the latest state version says: writing
+    /// would silently drop its newer fields.
+    #[error(
+        "type {type_name} is at version {current}, but state version {state_version} declares \
+         version {declared}: add a state version with type_version::<{type_name}>({current})"
+    )]
+    TypeVersionBehind {
+        /// The Rust type.
+        type_name: &'static str,
+        /// Its version at the latest state version.
+        declared: u16,
+        /// Its current version.
+        current: u16,
+        /// The latest state version.
+        state_version: u16,
+    },
+    /// The oldest supported state version is zero or newer than the latest.
+    #[error("oldest state version {oldest} is outside 1..={latest}")]
+    OldestVersion {
+        /// The oldest version asked for.
+        oldest: u16,
+        /// The latest state version.
+        latest: u16,
+    },
+    /// Inconsistent limits.
+    #[error("max_section {max_section} must be at most max_total {max_total} and 4 GiB")]
+    InvalidLimits {
+        /// The per-section cap.
+        max_section: u64,
+        /// The total cap.
+        max_total: u64,
+    },
 }
 
 /// A `Result` whose error is this crate's [`Error`].

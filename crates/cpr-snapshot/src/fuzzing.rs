@@ -82,6 +82,11 @@ pub mod v3 {
 
     /// The third release's schema: state versions 1 to 3.
     pub fn schema() -> Schema {
+        schema_with(crate::Limits::default())
+    }
+
+    /// [`schema`] with other reader limits.
+    pub fn schema_with(limits: crate::Limits) -> Schema {
         Schema::builder()
             .section::<DeviceState>()
             .section::<Stats>()
@@ -89,6 +94,7 @@ pub mod v3 {
             .type_version::<DeviceState>(2)
             .next_version()
             .type_version::<DeviceState>(3)
+            .limits(limits)
             .build()
             .expect("valid schema")
     }

@@ -61,10 +61,10 @@ mod writer;
 
 pub use atomic::save_to_path;
 pub use blob::{Blob, MAX_BLOB_LEN};
-pub use error::{Error, Result};
+pub use error::{Error, Result, SchemaError};
 pub use format::{crc64, SectionInfo, SnapshotHeader, FORMAT_VERSION, MAGIC, MAX_APP_STRING};
 pub use reader::{inspect, Inspection, Snapshot};
-pub use schema::{Limits, Schema, SchemaBuilder, Section, MAX_NAME_LEN};
+pub use schema::{Limits, Schema, SchemaBuilder, Section, TypeEntry, TypeHistory, MAX_NAME_LEN};
 pub use writer::SnapshotWriter;
 
 /// What a state type needs in scope to derive its encoding:

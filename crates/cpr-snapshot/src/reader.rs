@@ -343,6 +343,15 @@ impl<'s> Snapshot<'s> {
             .ok_or_else(missing)?;
         let payload = payload.take().ok_or_else(missing)?;
         let state_version = self.header.state_version;
+        if let Some(introduced) = self.schema.introduced_of::<T>() {
+            if introduced > state_version {
+                return Err(Error::SectionNotInVersion {
+                    name: T::NAME,
+                    introduced,
+                    state_version,
+                });
+            }
+        }
         let expected = self.schema.type_version::<T>(state_version);
         if info.version != expected {
             return Err(Error::SectionVersionMismatch {

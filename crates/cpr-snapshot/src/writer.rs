@@ -47,9 +47,10 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
         app_version: &str,
         target: u16,
     ) -> Result<Self> {
-        if target == 0 || target > schema.latest_version() {
+        if !schema.versions().contains(&target) {
             return Err(Error::InvalidTargetVersion {
                 target,
+                oldest: schema.oldest_version(),
                 latest: schema.latest_version(),
             });
         }
@@ -87,8 +88,16 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
         self.target
     }
 
+    /// Whether section type `T` exists at the target version (declared in the schema, and
+    /// introduced at or before the target), so that [`write_section`](Self::write_section)
+    /// accepts it. Use it to leave out an optional section an older reader never knew.
+    pub fn can_write<T: Section>(&self) -> bool {
+        self.schema.has_section::<T>(self.target)
+    }
+
     /// Appends `state` as section `T::NAME`, instance `instance`, skippable per
-    /// `T::SKIPPABLE`.
+    /// `T::SKIPPABLE`. The type must be declared in the schema and exist at the target
+    /// version ([`can_write`](Self::can_write)).
     pub fn write_section<T: Section>(&mut self, instance: u32, state: &T) -> Result<()> {
         self.write_section_with(instance, state, T::SKIPPABLE)
     }
@@ -107,6 +116,17 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
             reason,
         };
         validate_name(name.as_bytes()).map_err(|r| encode_err(r.to_string()))?;
+        match self.schema.introduced_of::<T>() {
+            None => return Err(Error::UndeclaredSection { name }),
+            Some(introduced) if introduced > self.target => {
+                return Err(Error::SectionNotInVersion {
+                    name,
+                    introduced,
+                    state_version: self.target,
+                })
+            }
+            Some(_) => {}
+        }
         if !self.seen.insert((name.to_string(), instance)) {
             return Err(Error::DuplicateSection {
                 name: name.to_string(),

@@ -97,6 +97,7 @@ fn v3_written_at_latest_is_refused_by_v1() {
         Snapshot::read_from(bytes.as_slice(), &schema1),
         Err(Error::UnsupportedStateVersion {
             found: 3,
+            oldest: 1,
             latest: 1
         })
     ));
@@ -126,15 +127,11 @@ fn writer_refuses_duplicates_and_oversize() {
         w.write_section(0, &v3::sample(0)),
         Err(Error::DuplicateSection { instance: 0, .. })
     ));
-    let small = Schema::builder()
-        .section::<v3::DeviceState>()
-        .limits(Limits {
-            max_total: 200,
-            max_section: 64,
-            max_sections: 2,
-        })
-        .build()
-        .unwrap();
+    let small = v3::schema_with(Limits {
+        max_total: 200,
+        max_section: 64,
+        max_sections: 2,
+    });
     let mut w = SnapshotWriter::new(Vec::new(), &small, "a", "b", 1).unwrap();
     let mut big = v3::sample(0);
     big.fifo = Blob(vec![0; 100]);
@@ -252,6 +249,7 @@ fn wrong_state_version_with_valid_checksum() {
         read_v3(&b),
         Err(Error::UnsupportedStateVersion {
             found: 9,
+            oldest: 1,
             latest: 3
         })
     ));
@@ -295,16 +293,11 @@ fn oversized_lengths_are_refused_before_allocation() {
         other => panic!("unexpected {other:?}"),
     }
     // A total cap smaller than the snapshot.
-    let schema = Schema::builder()
-        .section::<v3::DeviceState>()
-        .section::<v3::Stats>()
-        .limits(Limits {
-            max_total: 100,
-            max_section: 100,
-            max_sections: 10,
-        })
-        .build()
-        .unwrap();
+    let schema = v3::schema_with(Limits {
+        max_total: 100,
+        max_section: 100,
+        max_sections: 10,
+    });
     let bytes = sample_snapshot(3);
     assert!(matches!(
         Snapshot::read_from(bytes.as_slice(), &schema),
@@ -490,4 +483,52 @@ fn errors_read_well() {
         e.to_string(),
         "section `serial0` instance 0 has version 4, but the reader's schema expects version 3 at state version 2"
     );
+}
+
+/// A section added by a later release is not written at a state version before it
+/// existed (an older reader would not know it), and a type the schema does not declare is
+/// not written at all.
+#[test]
+fn writer_refuses_sections_the_target_version_lacks() {
+    use cpr_snapshot::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Versionize)]
+    struct Added {
+        x: u32,
+    }
+    impl Section for Added {
+        const NAME: &'static str = "added";
+    }
+    #[derive(Clone, Debug, PartialEq, Versionize)]
+    struct Undeclared {
+        x: u32,
+    }
+    impl Section for Undeclared {
+        const NAME: &'static str = "undeclared";
+    }
+    let schema = Schema::builder()
+        .section::<v1::DeviceState>()
+        .next_version()
+        .section::<Added>()
+        .build()
+        .unwrap();
+    let mut old = SnapshotWriter::new(Vec::new(), &schema, "a", "b", 1).unwrap();
+    assert!(!old.can_write::<Added>());
+    assert!(matches!(
+        old.write_section(0, &Added { x: 1 }),
+        Err(Error::SectionNotInVersion {
+            name: "added",
+            introduced: 2,
+            state_version: 1
+        })
+    ));
+    assert!(matches!(
+        old.write_section(0, &Undeclared { x: 1 }),
+        Err(Error::UndeclaredSection { name: "undeclared" })
+    ));
+    let mut new = SnapshotWriter::new(Vec::new(), &schema, "a", "b", 2).unwrap();
+    assert!(new.can_write::<Added>());
+    new.write_section(0, &Added { x: 7 }).unwrap();
+    let bytes = new.finish().unwrap();
+    let mut snap = Snapshot::read_from(bytes.as_slice(), &schema).unwrap();
+    assert_eq!(snap.take::<Added>(0).unwrap(), Added { x: 7 });
 }
