@@ -166,6 +166,22 @@ impl FdRegistry {
         Ok(())
     }
 
+    /// A registry with a duplicate of every fd (same names, kinds and metadata, in order).
+    /// The duplicates are close-on-exec.
+    pub fn try_clone(&self) -> Result<FdRegistry> {
+        let mut out = FdRegistry::new();
+        for e in &self.entries {
+            let fd = e.fd.try_clone().map_err(os("dup registered fd"))?;
+            out.entries.push(FdEntry {
+                name: e.name.clone(),
+                kind: e.kind,
+                metadata: e.metadata.clone(),
+                fd,
+            });
+        }
+        Ok(out)
+    }
+
     /// Whether `name` is registered.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.iter().any(|e| e.name == name)
@@ -368,6 +384,22 @@ mod tests {
         assert_eq!(r.get("a").unwrap().metadata(), b"meta");
         assert!(r.take("a").is_some());
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_clone_has_its_own_fds_for_the_same_files() {
+        let mut r = FdRegistry::new();
+        r.register("a", FdKind::CONSOLE, devnull(), b"m").unwrap();
+        let c = r.try_clone().unwrap();
+        let (a, b) = (r.get("a").unwrap(), c.get("a").unwrap());
+        assert_ne!(a.fd().as_raw_fd(), b.fd().as_raw_fd());
+        assert_eq!(
+            sys::identity(a.fd()).unwrap(),
+            sys::identity(b.fd()).unwrap()
+        );
+        assert_eq!((b.kind(), b.metadata()), (FdKind::CONSOLE, &b"m"[..]));
+        drop(r);
+        assert!(sys::fd_flags(b.fd().as_raw_fd()).is_some(), "still open");
     }
 
     #[test]

@@ -59,7 +59,7 @@ mod reader;
 mod schema;
 mod writer;
 
-pub use atomic::save_to_path;
+pub use atomic::{remove_stale_temporaries, save_in_dir, save_to_path};
 pub use blob::{Blob, MAX_BLOB_LEN};
 pub use error::{Error, Result, SchemaError};
 pub use format::{crc64, SectionInfo, SnapshotHeader, FORMAT_VERSION, MAGIC, MAX_APP_STRING};

@@ -1,0 +1,484 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The new side of an update: decode, prepare, restore, commit, resume; for a restart, exec
+//! back into the previous binary if the restore fails; for a transfer, the protocol.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use cpr_fd::{FdEntry, FdKind, FdRegistry};
+use cpr_snapshot::{Schema, Snapshot, SnapshotHeader};
+
+use crate::api::{Loader, Marks, Phase, Progress, Report, Updatable};
+use crate::clock::{monotonic_ns, Elapsed};
+use crate::error::{hook, io, Error, Result, Step};
+use crate::handover::{Record, FD_HANDOVER, FD_PREVIOUS_EXE, FD_STATE};
+use crate::outgoing::{check_hello, Timeouts};
+use crate::protocol::{Channel, Hello, Message, ProtocolError, Role, PROTOCOL_VERSION};
+use crate::section::{Ids, UpdateInfo, UpdateSection};
+use crate::{fault, Mode};
+
+/// How the new side runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming {
+    /// When this process image started (`CLOCK_MONOTONIC` ns), for the report's `start`
+    /// phase; take it first thing in `main`.
+    pub started_ns: u64,
+    /// Waits (transfer).
+    pub timeouts: Timeouts,
+    /// How long to wait for the first vCPU entry after resuming, for the blackout.
+    pub first_entry_timeout: Duration,
+}
+
+impl Default for Incoming {
+    fn default() -> Self {
+        Incoming {
+            started_ns: monotonic_ns(),
+            timeouts: Timeouts::default(),
+            first_entry_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A guest taken over by this process.
+#[derive(Debug)]
+pub struct Resumed {
+    /// How it went.
+    pub report: Report,
+    /// The guest's identities (keep them for its next update).
+    pub ids: Ids,
+    /// Who wrote the state.
+    pub source: SnapshotHeader,
+    /// Restart: this process is the previous binary, exec'd back into because the new one
+    /// could not restore the state, for this reason. The update failed; the guest runs on.
+    pub fallback: Option<String>,
+    /// Transfer: the old process died after the pause without aborting, and this process
+    /// took the guest over.
+    pub took_over: bool,
+    /// Names of handed-over fds the VMM did not take.
+    pub unused_fds: Vec<String>,
+}
+
+struct Loaded {
+    info: UpdateInfo,
+    header: SnapshotHeader,
+    bytes: usize,
+}
+
+/// Decodes `bytes` and runs `prepare` (unless done already) and `restore`.
+fn load<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    schema: &Schema,
+    bytes: &[u8],
+    mode: Mode,
+    fds: &mut FdRegistry,
+    prepare: bool,
+    marks: &mut Marks,
+) -> Result<Loaded> {
+    let mut snap = Snapshot::read_from(bytes, schema)?;
+    marks.mark("decoded");
+    let header = snap.header().clone();
+    vmm.progress(Progress::Decoded { header: &header });
+    let section: UpdateSection = snap.take(0)?;
+    let info = section.info(mode)?;
+    let mut loader = Loader {
+        snapshot: &mut snap,
+        fds,
+        mode,
+        ids: info.ids,
+        info: Some(&info),
+        marks,
+    };
+    if prepare {
+        vmm.prepare(&mut loader).map_err(hook(Step::Prepare))?;
+        loader.marks.mark("prepared");
+        vmm.progress(Progress::Prepared);
+    }
+    vmm.restore(&mut loader).map_err(hook(Step::Restore))?;
+    marks.mark("restored");
+    vmm.progress(Progress::Restored);
+    Ok(Loaded {
+        info,
+        header,
+        bytes: bytes.len(),
+    })
+}
+
+/// Owns the guest from here: `commit`, then `resume` if it ran; measures the blackout.
+fn run<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    loaded: &Loaded,
+    marks: &mut Marks,
+    opts: &Incoming,
+) -> Result<Report> {
+    vmm.commit().map_err(hook(Step::Commit))?;
+    marks.mark("committed");
+    let info = &loaded.info;
+    let mut blackout = None;
+    if info.was_running {
+        vmm.resume().map_err(hook(Step::Resume))?;
+        if let Some(t) = vmm.first_entry(opts.first_entry_timeout) {
+            marks.at("first-entry", t);
+            blackout = Some(info.stop.until(t));
+        }
+    }
+    let mut phases = vec![Phase {
+        name: "stop".into(),
+        since_stop: Elapsed::SameBoot(0),
+    }];
+    // Both taken on the old side's boot.
+    phases.push(Phase {
+        name: "encoded".into(),
+        since_stop: Elapsed::SameBoot(info.encoded_mono_ns.saturating_sub(info.stop.mono_ns)),
+    });
+    phases.extend(marks.relative_to(&info.stop));
+    let report = Report {
+        mode: info.mode,
+        was_running: info.was_running,
+        state_version: loaded.header.state_version,
+        state_bytes: loaded.bytes,
+        blackout,
+        phases,
+    };
+    vmm.progress(Progress::Resumed { report: &report });
+    Ok(report)
+}
+
+fn read_memfd(fd: OwnedFd, limit: u64, what: &'static str) -> Result<(File, Vec<u8>)> {
+    let file = File::from(fd);
+    let len = file.metadata().map_err(io(what))?.len();
+    if len > limit {
+        return Err(Error::Snapshot(cpr_snapshot::Error::TooLarge {
+            offset: 0,
+            what,
+            len,
+            limit,
+        }));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, 0).map_err(io(what))?;
+    Ok((file, bytes))
+}
+
+/// Restart, in the new image: resumes the guest the previous image handed over by exec.
+/// `fds` is what [`cpr_fd::reclaim`] returned (call it first thing in `main`).
+///
+/// If the state cannot be restored here (this build rejects it, a device fails), the
+/// VMM's work is [`discard`](Updatable::discard)ed and this process execs back into the
+/// previous binary (the very file it ran, even if an upgrade replaced its path) with the
+/// same fds and state; that image restores the guest and its [`Resumed::fallback`] says
+/// why the update failed. This returns only if the previous binary is the one failing, or
+/// the exec back fails: the guest is then lost, and the error says so.
+pub fn resume_after_exec<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    mut fds: FdRegistry,
+    opts: &Incoming,
+) -> Result<Resumed> {
+    let schema = vmm.schema().clone();
+    let state = fds
+        .take(FD_STATE)
+        .ok_or(Error::NotAnUpdate("no `cpr.state` fd"))?;
+    let record = fds
+        .take(FD_HANDOVER)
+        .ok_or(Error::NotAnUpdate("no `cpr.handover` fd"))?;
+    let previous = fds.take(FD_PREVIOUS_EXE);
+    let (_, record) = read_memfd(
+        record.into_fd(),
+        crate::handover::MAX_RECORD as u64,
+        "handover record",
+    )?;
+    let record = Record::decode(&record)?;
+    let (state_file, bytes) = read_memfd(state.into_fd(), schema.limits().max_total, "state")?;
+
+    let mut marks = Marks::default();
+    marks.at("start", opts.started_ns);
+    // Everything the previous image handed over, intact, in case we must go back.
+    let backup = match (&previous, record.attempt) {
+        (Some(_), 0) => Some(fds.try_clone()?),
+        _ => None,
+    };
+    let loaded = fault::hit("restart.new.restore").and_then(|()| {
+        load(
+            vmm,
+            &schema,
+            &bytes,
+            Mode::Restart,
+            &mut fds,
+            true,
+            &mut marks,
+        )
+    });
+    match loaded {
+        Ok(loaded) => {
+            drop(backup);
+            drop(previous);
+            let report = run(vmm, &loaded, &mut marks, opts)?;
+            Ok(Resumed {
+                report,
+                ids: loaded.info.ids,
+                source: loaded.header,
+                fallback: record.error,
+                took_over: false,
+                unused_fds: fds.iter().map(|e| e.name().to_string()).collect(),
+            })
+        }
+        Err(e) => {
+            vmm.discard();
+            drop(fds);
+            let (Some(backup), Some(previous)) = (backup, previous) else {
+                return Err(e);
+            };
+            vmm.progress(Progress::FallingBack { error: &e });
+            let exec = fall_back(backup, state_file, previous, &record, &e);
+            Err(Error::FallbackFailed {
+                restore: Box::new(e),
+                exec: Box::new(exec),
+            })
+        }
+    }
+}
+
+/// Execs back into the previous binary with `reg` (the fds as they were handed over), the
+/// state, and a record saying why. Returns only on failure.
+fn fall_back(
+    mut reg: FdRegistry,
+    state: File,
+    previous: FdEntry,
+    record: &Record,
+    error: &Error,
+) -> Error {
+    (|| -> Result<Error> {
+        reg.register(FD_STATE, FdKind::STATE, state.into(), b"")?;
+        let back = Record {
+            attempt: 1,
+            argv: record.argv.clone(),
+            error: Some(error.to_string()),
+        };
+        let memfd = cpr_fd::sealed_memfd("cpr-update-handover", &back.encode())?;
+        reg.register(FD_HANDOVER, FdKind::STATE, memfd.into(), b"")?;
+        let exe = previous.into_fd();
+        let keep = exe.try_clone().map_err(io("dup the previous executable"))?;
+        reg.register(FD_PREVIOUS_EXE, FdKind::OTHER, keep, b"")?;
+        let (argv0, args) = back.argv.split_first().ok_or(Error::Handover("no argv"))?;
+        let prepared = reg.prepare()?;
+        Ok(Error::Fd(prepared.exec_fd(exe.as_fd(), argv0, args)))
+    })()
+    .unwrap_or_else(|e| e)
+}
+
+/// Reboot (or any state file), in the new process: restores the guest from `bytes`, a
+/// state the old process saved. Guest memory is found from the command line (the VMM's
+/// [`prepare`](Updatable::prepare)); no fd comes with it.
+pub fn restore_saved<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    bytes: &[u8],
+    opts: &Incoming,
+) -> Result<Resumed> {
+    let schema = vmm.schema().clone();
+    let mut marks = Marks::default();
+    marks.at("start", opts.started_ns);
+    let mut fds = FdRegistry::new();
+    let loaded = fault::hit("reboot.new.restore").and_then(|()| {
+        load(
+            vmm,
+            &schema,
+            bytes,
+            Mode::Reboot,
+            &mut fds,
+            true,
+            &mut marks,
+        )
+    });
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            vmm.discard();
+            return Err(e);
+        }
+    };
+    let report = run(vmm, &loaded, &mut marks, opts)?;
+    Ok(Resumed {
+        report,
+        ids: loaded.info.ids,
+        source: loaded.header,
+        fallback: None,
+        took_over: false,
+        unused_fds: Vec::new(),
+    })
+}
+
+/// Transfer, in the new process: takes the guest from the old process at the other end of
+/// `stream` (accepted on the VMM's transfer socket).
+///
+/// Until the commit the old process owns the guest: any failure here is sent to it as
+/// `ABORT` and it resumes the guest; this returns the error and the VMM exits. If the old
+/// process dies after the pause without aborting (it never resumes the guest without
+/// sending `ABORT` first), this one takes the guest over ([`Resumed::took_over`]).
+pub fn receive_transfer<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    stream: UnixStream,
+    opts: &Incoming,
+) -> Result<Resumed> {
+    let schema = vmm.schema().clone();
+    let me = vmm.build_info();
+    let t = &opts.timeouts;
+    let old = crate::sys::peer_pid(&stream)
+        .and_then(crate::sys::pidfd_open)
+        .ok();
+    let mut ch = Channel::new(stream, Role::New, schema.limits().max_total);
+    let mut marks = Marks::default();
+    marks.at("start", opts.started_ns);
+
+    // Before the pause: the guest runs in the old process whatever happens here.
+    let prepared = (|| -> Result<(Ids, u16)> {
+        let Message::Hello(peer) = ch.recv("HELLO", t.hello)? else {
+            unreachable!("the session admits only HELLO here")
+        };
+        check_hello(&peer, Role::Old)?;
+        // Refuse now, with our reason, what the old side would find out anyway.
+        peer.build.version_for(&me)?;
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::New,
+            pid: std::process::id(),
+            build: me.clone(),
+        };
+        ch.send(&Message::Hello(hello), t.write)?;
+        let Message::Memory(memory) = ch.recv("MEMORY", t.hello)? else {
+            unreachable!("the session admits only MEMORY here")
+        };
+        let mut mem_fds = ch.recv_fds(t.write)?;
+        marks.mark("memory-received");
+        if !me.reads.contains(&memory.state_version) {
+            return Err(Error::InvalidVersion {
+                requested: memory.state_version,
+                writes: me.reads.clone(),
+            });
+        }
+        let mut snap = Snapshot::read_from(memory.container.as_slice(), &schema)?;
+        if snap.header().state_version != memory.state_version {
+            return Err(Error::BadUpdateSection {
+                expected: Mode::Transfer,
+                reason: "the memory container's state version differs from MEMORY's".into(),
+            });
+        }
+        let mut loader = Loader {
+            snapshot: &mut snap,
+            fds: &mut mem_fds,
+            mode: Mode::Transfer,
+            ids: memory.ids,
+            info: None,
+            marks: &mut marks,
+        };
+        vmm.prepare(&mut loader).map_err(hook(Step::Prepare))?;
+        marks.mark("prepared");
+        vmm.progress(Progress::Prepared);
+        fault::hit("transfer.new.before-ready")?;
+        ch.send(&Message::Ready, t.write)?;
+        Ok((memory.ids, memory.state_version))
+    })();
+    let (ids, version) = match prepared {
+        Ok(v) => v,
+        Err(e) => return Err(give_up(vmm, &mut ch, e)),
+    };
+
+    // The old process pauses, then sends the rest.
+    let loaded = (|| -> Result<Loaded> {
+        let Message::State(bytes) = ch.recv("STATE", t.state)? else {
+            unreachable!("the session admits only STATE here")
+        };
+        let mut fds = ch.recv_fds(t.write)?;
+        marks.mark("state-received");
+        let loaded = load(
+            vmm,
+            &schema,
+            &bytes,
+            Mode::Transfer,
+            &mut fds,
+            false,
+            &mut marks,
+        )?;
+        if loaded.info.ids != ids || loaded.header.state_version != version {
+            return Err(Error::BadUpdateSection {
+                expected: Mode::Transfer,
+                reason: "the state is not the one MEMORY announced".into(),
+            });
+        }
+        fault::hit("transfer.new.restore")?;
+        Ok(loaded)
+    })();
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => return Err(give_up(vmm, &mut ch, e)),
+    };
+
+    let committed = ch
+        .send(&Message::Restored, t.write)
+        .map_err(Error::from)
+        .and_then(|()| fault::hit("transfer.new.before-commit"))
+        .and_then(|()| ch.recv("COMMIT", t.commit).map(drop).map_err(Error::from));
+    let took_over = match committed {
+        Ok(()) => false,
+        Err(Error::Protocol(ProtocolError::PeerClosed { state, .. })) => {
+            // The old process never resumes the guest without sending ABORT first; if it is
+            // gone without one, nobody runs the guest but us.
+            let gone = old
+                .as_ref()
+                .is_some_and(|p| crate::sys::wait_exit(p, t.peer_exit));
+            if !gone {
+                vmm.discard();
+                return Err(Error::Orphaned {
+                    state,
+                    reason: "the old process closed the connection but still runs".into(),
+                });
+            }
+            vmm.progress(Progress::TookOver);
+            true
+        }
+        Err(e) => return Err(give_up(vmm, &mut ch, e)),
+    };
+    if !took_over {
+        vmm.progress(Progress::Committed);
+    }
+    marks.mark("committed-by-peer");
+    let _ = fault::hit("transfer.new.after-commit");
+    let report = run(vmm, &loaded, &mut marks, opts)?;
+    let _ = ch.send(&Message::Started, t.write);
+    Ok(Resumed {
+        report,
+        ids: loaded.info.ids,
+        source: loaded.header,
+        fallback: None,
+        took_over,
+        unused_fds: Vec::new(),
+    })
+}
+
+/// The new side fails before owning the guest: drop what was built and tell the old side.
+fn give_up<V: Updatable + ?Sized>(vmm: &mut V, ch: &mut Channel, e: Error) -> Error {
+    vmm.discard();
+    ch.abort(&e.to_string());
+    e
+}
+
+/// Reads a whole state from `r`, refusing more than `limit` bytes.
+pub fn read_state<R: Read>(r: R, limit: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    r.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("read the state"))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::Snapshot(cpr_snapshot::Error::TooLarge {
+            offset: 0,
+            what: "state",
+            len: bytes.len() as u64,
+            limit,
+        }));
+    }
+    Ok(bytes)
+}

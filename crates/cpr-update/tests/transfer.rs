@@ -1,0 +1,363 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The transfer sequence between two toy VMMs in one process (two threads and a socket
+//! pair), and against scripted peers that misbehave. Multi-process cases (a side killed at
+//! each step) are in the reference VMM's end-to-end tests.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::{eventfd_count, Toy, LIVE};
+use cpr_update::protocol::{read_message, Hello, Message, Role, PROTOCOL_VERSION};
+use cpr_update::{
+    receive_transfer, update, BuildInfo, Error, Guest, Ids, Incoming, Outcome, Resumed, Target,
+    Timeouts,
+};
+
+fn short() -> Timeouts {
+    Timeouts {
+        hello: Duration::from_secs(5),
+        prepare: Duration::from_secs(5),
+        state: Duration::from_secs(5),
+        restore: Duration::from_secs(5),
+        commit: Duration::from_secs(5),
+        started: Duration::from_secs(5),
+        write: Duration::from_secs(5),
+        peer_exit: Duration::from_secs(1),
+        probe: Duration::from_secs(5),
+    }
+}
+
+fn new_side(mut toy: Toy, sock: UnixStream) -> JoinHandle<(Toy, cpr_update::Result<Resumed>)> {
+    std::thread::spawn(move || {
+        let opts = Incoming {
+            timeouts: short(),
+            ..Incoming::default()
+        };
+        let r = receive_transfer(&mut toy, sock, &opts);
+        (toy, r)
+    })
+}
+
+#[test]
+fn the_guest_moves_with_its_memory_state_and_fds() {
+    let mut old = Toy::new(true).with_ram(b"guest data").with_device();
+    old.value = 7;
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(Toy::new(false), b);
+    let ids = Ids::new_vm().unwrap();
+    let out = update(&mut old, &ids, Target::Transfer(a), &short()).unwrap();
+    assert_eq!(out, Outcome::Transferred { started: true });
+    let (new, r) = new.join().unwrap();
+    let r = r.unwrap();
+    assert_eq!((new.value, new.running, new.committed), (7, true, true));
+    assert_eq!(new.ram_bytes(10), b"guest data");
+    assert_eq!(
+        new.stamp(),
+        LIVE,
+        "the new side marked the guest as its own"
+    );
+    assert_eq!(eventfd_count(new.device.as_ref().unwrap()), 3);
+    assert_eq!((old.pauses, old.resumes, old.running), (1, 0, false));
+    assert_eq!(r.ids.vm, ids.vm);
+    assert_eq!(r.ids.generation, 1);
+    assert!(r.report.blackout.and_then(|b| b.ns()).is_some());
+    let names: Vec<&str> = r.report.phases.iter().map(|p| p.name.as_str()).collect();
+    for n in [
+        "stop",
+        "encoded",
+        "prepared",
+        "state-received",
+        "restored",
+        "committed",
+        "first-entry",
+    ] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    assert_eq!(
+        old.events,
+        [
+            "Negotiated",
+            "MemorySent",
+            "PeerReady",
+            "Paused",
+            "Saved",
+            "StateSent",
+            "PeerRestored",
+            "Committed",
+            "PeerStarted"
+        ]
+    );
+}
+
+#[test]
+fn a_paused_guest_moves_and_stays_paused() {
+    let mut old = Toy::new(false).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(Toy::new(false), b);
+    update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap();
+    let (new, r) = new.join().unwrap();
+    let r = r.unwrap();
+    assert!(!new.running && new.committed);
+    assert_eq!((old.pauses, new.resumes), (0, 0));
+    assert!(!r.report.was_running);
+    assert_eq!(r.report.blackout, None);
+}
+
+#[test]
+fn a_target_that_reads_no_version_we_write_is_refused_before_the_pause() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    let mut future = Toy::new(false);
+    future.build = Some(BuildInfo {
+        app: "toy".into(),
+        version: "9".into(),
+        reads: 5..=9,
+        writes: 5..=9,
+        features: vec![],
+    });
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(future, b);
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert_eq!(f.guest, Guest::Running);
+    assert!(f.to_string().contains("reads state versions 5..=9"), "{f}");
+    assert_eq!((old.pauses, old.running), (0, true));
+    let (_, r) = new.join().unwrap();
+    assert!(matches!(r, Err(Error::Incompatible { .. })), "{r:?}");
+}
+
+#[test]
+fn a_new_side_that_cannot_prepare_leaves_the_guest_running_untouched() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    let mut broken = Toy::new(false);
+    broken.fail = Some("prepare");
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(broken, b);
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert!(f.to_string().contains("the toy's prepare failed"), "{f}");
+    assert_eq!((f.guest, old.pauses), (Guest::Running, 0));
+    assert_eq!(old.stamp(), LIVE, "abandon retired the stamp");
+    let (new, r) = new.join().unwrap();
+    assert!(r.is_err() && new.discarded);
+}
+
+#[test]
+fn a_failed_restore_resumes_the_guest_in_the_old_process() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    old.value = 5;
+    let mut broken = Toy::new(false);
+    broken.fail = Some("restore");
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(broken, b);
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert!(f.to_string().contains("the toy's restore failed"), "{f}");
+    assert_eq!(f.guest, Guest::Running);
+    assert_eq!(
+        (old.pauses, old.resumes, old.running, old.value),
+        (1, 1, true, 5)
+    );
+    let (new, r) = new.join().unwrap();
+    assert!(r.is_err() && new.discarded && !new.running);
+}
+
+#[test]
+fn a_failed_save_aborts_and_resumes() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    old.fail = Some("save");
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(Toy::new(false), b);
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert_eq!((f.guest, old.resumes), (Guest::Running, 1));
+    let (new, r) = new.join().unwrap();
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("aborted"), "{e}");
+    assert!(new.discarded);
+}
+
+/// Runs a scripted new side: reads a frame and answers with what `script` returns.
+fn scripted(
+    sock: UnixStream,
+    mut script: impl FnMut(&Message, &UnixStream) -> Option<Vec<u8>> + Send + 'static,
+) -> JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut seen = Vec::new();
+        loop {
+            let m = match read_message(&mut &sock, 1 << 30) {
+                Ok(m) => m,
+                Err(_) => return seen,
+            };
+            seen.push(m.kind().name().to_string());
+            if matches!(m, Message::Memory(_) | Message::State(_))
+                && cpr_fd::FdRegistry::receive(&sock).is_err()
+            {
+                return seen;
+            }
+            match script(&m, &sock) {
+                Some(bytes) => {
+                    if (&sock).write_all(&bytes).is_err() {
+                        return seen;
+                    }
+                }
+                None => return seen,
+            }
+        }
+    })
+}
+
+fn hello(build: BuildInfo) -> Vec<u8> {
+    Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::New,
+        pid: 1,
+        build,
+    })
+    .encode()
+}
+
+#[test]
+fn out_of_order_and_unknown_answers_are_refused_by_name_with_the_guest_untouched() {
+    let toy_build = || BuildInfo::new("toy", "1", &common::schema());
+    // READY where HELLO belongs.
+    let mut old = Toy::new(true).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let peer = scripted(b, |_, _| Some(Message::Ready.encode()));
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert!(
+        f.to_string()
+            .contains("unexpected READY received in state Hello"),
+        "{f}"
+    );
+    assert_eq!((f.guest, old.pauses), (Guest::Running, 0));
+    assert_eq!(peer.join().unwrap(), ["HELLO", "ABORT"]);
+
+    // A type number no protocol has.
+    let mut old = Toy::new(true).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let peer = scripted(b, move |m, _| match m {
+        Message::Hello(_) => Some(hello(toy_build())),
+        _ => Some(vec![9, 0, 0, 0, 0, 0, 0, 0]),
+    });
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert!(f.to_string().contains("unknown message type 9"), "{f}");
+    assert_eq!((f.guest, old.pauses), (Guest::Running, 0));
+    assert_eq!(peer.join().unwrap(), ["HELLO", "MEMORY", "ABORT"]);
+
+    // Another application.
+    let mut old = Toy::new(true).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let peer = scripted(b, |_, _| {
+        let mut other = BuildInfo::new("toy", "1", &common::schema());
+        other.app = "not-a-toy".into();
+        Some(hello(other))
+    });
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert!(f.to_string().contains("not-a-toy"), "{f}");
+    assert_eq!(f.guest, Guest::Running);
+    peer.join().unwrap();
+}
+
+#[test]
+fn a_peer_that_goes_silent_times_out_and_the_guest_resumes() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let toy_build = BuildInfo::new("toy", "1", &common::schema());
+    let peer = scripted(b, move |m, _| match m {
+        Message::Hello(_) => Some(hello(toy_build.clone())),
+        Message::Memory(_) => Some(Message::Ready.encode()),
+        // Takes the state, then says nothing until the old side gives up.
+        Message::State(_) => Some(Vec::new()),
+        _ => None,
+    });
+    let mut t = short();
+    t.restore = Duration::from_millis(300);
+    let f = update(&mut old, &Ids::new_vm().unwrap(), Target::Transfer(a), &t).unwrap_err();
+    assert!(
+        f.to_string()
+            .contains("no RESTORED from the new process within"),
+        "{f}"
+    );
+    assert_eq!((f.guest, old.pauses, old.resumes), (Guest::Running, 1, 1));
+    assert_eq!(peer.join().unwrap(), ["HELLO", "MEMORY", "STATE", "ABORT"]);
+}
+
+/// The new side gives up while the COMMIT is on its way: its ABORT crosses the COMMIT,
+/// and the old side, which had let go, takes the guest back.
+#[test]
+fn an_abort_crossing_the_commit_resumes_the_guest_in_the_old_process() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let toy_build = BuildInfo::new("toy", "1", &common::schema());
+    let peer = scripted(b, move |m, _| match m {
+        Message::Hello(_) => Some(hello(toy_build.clone())),
+        Message::Memory(_) => Some(Message::Ready.encode()),
+        Message::State(_) => {
+            let mut both = Message::Restored.encode();
+            both.extend(Message::Abort("changed my mind".into()).encode());
+            Some(both)
+        }
+        _ => None,
+    });
+    let f = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    )
+    .unwrap_err();
+    assert!(f.to_string().contains("changed my mind"), "{f}");
+    assert_eq!((f.guest, old.resumes), (Guest::Running, 1));
+    let seen = peer.join().unwrap();
+    assert_eq!(&seen[..3], ["HELLO", "MEMORY", "STATE"]);
+}
