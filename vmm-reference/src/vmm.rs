@@ -91,6 +91,8 @@ pub fn schema() -> Schema {
         .section::<cpr_vfio::IommufdState>()
         .section::<crate::passthrough::ModelSection>()
         .section::<MonitorSection>()
+        .next_version()
+        .type_version::<MemoryLayout>(2)
         .build()
         .expect("static schema is valid")
 }

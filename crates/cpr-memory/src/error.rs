@@ -10,6 +10,7 @@ use crate::layout::UpdateMode;
 /// Errors from creating, reattaching or checking guest memory. Region errors carry the
 /// region's index in the layout and its backing name (fd name or path).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A region description is unusable (zero size, misaligned, address overflow).
     #[error("region {index} (`{name}`): {reason}")]
@@ -140,6 +141,26 @@ pub enum Error {
     /// The layout has no region.
     #[error("guest memory layout has no region")]
     Empty,
+    /// The host has too few free huge pages for a backing.
+    #[error(
+        "region {index} (`{name}`): needs {needed} free huge pages of {page_size} bytes, the host \
+         has {available} (raise /proc/sys/vm/nr_hugepages or use 4 KiB pages)"
+    )]
+    NoHugePages {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Huge page size.
+        page_size: u64,
+        /// Pages needed.
+        needed: u64,
+        /// Pages free and not reserved.
+        available: u64,
+    },
+    /// The layout has no stamp page, or the memory is anonymous.
+    #[error("guest memory has no stamp page")]
+    NoStamp,
     /// A backing path is not usable.
     #[error("path `{path}`: {reason}")]
     BadPath {

@@ -80,10 +80,32 @@ impl RegionLayout {
 }
 
 /// The whole guest RAM layout, saved as the `memory-layout` snapshot section.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+///
+/// Regions may share a backing (same name, different offsets); reattach checks that they
+/// do not overlap in it.
+#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
 pub struct MemoryLayout {
     /// Regions, sorted by guest address.
     pub regions: Vec<RegionLayout>,
+    /// Offset of the [stamp](crate::Stamp) page in the first region's backing, or
+    /// [`NO_STAMP`](crate::NO_STAMP). Added in version 2.
+    #[version(start = 2, default_fn = "default_stamp")]
+    pub stamp_offset: u64,
+}
+
+impl Default for MemoryLayout {
+    fn default() -> Self {
+        MemoryLayout {
+            regions: Vec::new(),
+            stamp_offset: crate::NO_STAMP,
+        }
+    }
+}
+
+impl MemoryLayout {
+    fn default_stamp(_: u16) -> u64 {
+        crate::NO_STAMP
+    }
 }
 
 impl Section for MemoryLayout {
@@ -261,6 +283,7 @@ mod tests {
         use UpdateMode::*;
         let layout = |k| MemoryLayout {
             regions: vec![region(k, 0, 1 << 20)],
+            ..Default::default()
         };
         for mode in UpdateMode::ALL {
             let e = layout(Anonymous).check_mode(mode).unwrap_err();
@@ -284,6 +307,7 @@ mod tests {
         // One volatile region spoils the whole layout, and is named.
         let mixed = MemoryLayout {
             regions: vec![region(Memfd, 0, 4096), region(Anonymous, 4096, 4096)],
+            ..Default::default()
         };
         assert!(matches!(
             mixed.check_mode(Restart),
@@ -302,6 +326,7 @@ mod tests {
                 region(BackendKind::Memfd, 1 << 20, 1 << 20),
                 region(BackendKind::Memfd, 0, 1 << 20),
             ],
+            ..Default::default()
         };
         ok.validate().unwrap();
         let overlap = MemoryLayout {
@@ -309,6 +334,7 @@ mod tests {
                 region(BackendKind::Memfd, 0, 2 << 20),
                 region(BackendKind::Memfd, 1 << 20, 1 << 20),
             ],
+            ..Default::default()
         };
         assert!(matches!(
             overlap.validate(),
@@ -320,26 +346,30 @@ mod tests {
         ));
         let mut bad = region(BackendKind::Memfd, 0, 4095);
         assert!(MemoryLayout {
-            regions: vec![bad.clone()]
+            regions: vec![bad.clone()],
+            ..Default::default()
         }
         .validate()
         .is_err());
         bad.size = 0;
         assert!(MemoryLayout {
-            regions: vec![bad.clone()]
+            regions: vec![bad.clone()],
+            ..Default::default()
         }
         .validate()
         .is_err());
         let mut wrap = region(BackendKind::Memfd, u64::MAX - 4095, 8192);
         assert!(MemoryLayout {
-            regions: vec![wrap.clone()]
+            regions: vec![wrap.clone()],
+            ..Default::default()
         }
         .validate()
         .is_err());
         wrap.guest_addr = 0;
         wrap.page_size = 3000;
         assert!(MemoryLayout {
-            regions: vec![wrap]
+            regions: vec![wrap],
+            ..Default::default()
         }
         .validate()
         .is_err());

@@ -4,9 +4,8 @@
 //! Creating guest RAM and reattaching it after an exec or a reboot.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::error::{Error, Result};
 use crate::layout::{BackendKind, MemoryLayout, RegionLayout, UpdateMode};
+use crate::stamp::{check_stamp_room, NO_STAMP};
 use crate::sys::{self, Backing, Found, RESIZE_SEALS};
 
 /// Huge page sizes for memfd regions.
@@ -70,26 +70,32 @@ enum SpecBackend {
     },
     File {
         path: PathBuf,
-        offset: u64,
         create: bool,
     },
 }
 
 /// How to set up one region.
+///
+/// Regions may share a backing: give them the same memfd name or file path and different
+/// [`offset`](Self::offset)s (e.g. RAM below the 32-bit PCI hole at offset 0 and RAM above
+/// 4 GiB right after it). The layout records each region's backing name and offset, and
+/// reattach checks that regions sharing a backing do not overlap in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionSpec {
     guest_addr: u64,
     size: u64,
+    offset: u64,
     backend: SpecBackend,
 }
 
 impl RegionSpec {
-    /// A region backed by a new sealed memfd; `name` is how its fd is handed over (e.g.
-    /// `guest-ram.0`) and must be unique.
+    /// A region backed by a sealed memfd; `name` is how its fd is handed over (e.g.
+    /// `guest-ram`). Regions with the same name share one memfd.
     pub fn memfd(name: &str, guest_addr: u64, size: u64) -> Self {
         RegionSpec {
             guest_addr,
             size,
+            offset: 0,
             backend: SpecBackend::Memfd {
                 name: name.to_string(),
                 huge: None,
@@ -99,14 +105,15 @@ impl RegionSpec {
 
     /// A region backed by a file at an absolute `path` (tmpfs, hugetlbfs, a disk file) that
     /// is created exclusively with mode 0600, or by an existing DAX device or file when
-    /// [`existing`](Self::existing) is used.
+    /// [`existing`](Self::existing) is used. No component of the path may be a symbolic
+    /// link.
     pub fn file(path: impl Into<PathBuf>, guest_addr: u64, size: u64) -> Self {
         RegionSpec {
             guest_addr,
             size,
+            offset: 0,
             backend: SpecBackend::File {
                 path: path.into(),
-                offset: 0,
                 create: true,
             },
         }
@@ -117,11 +124,13 @@ impl RegionSpec {
         RegionSpec {
             guest_addr,
             size,
+            offset: 0,
             backend: SpecBackend::Anonymous,
         }
     }
 
-    /// Uses huge pages for a memfd region (ignored for other backends).
+    /// Uses huge pages for a memfd region (ignored for other backends; a file on hugetlbfs
+    /// has huge pages by itself).
     pub fn huge_pages(mut self, size: HugePageSize) -> Self {
         if let SpecBackend::Memfd { huge, .. } = &mut self.backend {
             *huge = Some(size);
@@ -137,12 +146,35 @@ impl RegionSpec {
         self
     }
 
-    /// For a file region: the offset of the region in the file.
+    /// The offset of the region in its backing (memfd or file).
     pub fn offset(mut self, value: u64) -> Self {
-        if let SpecBackend::File { offset, .. } = &mut self.backend {
-            *offset = value;
-        }
+        self.offset = value;
         self
+    }
+
+    /// Guest physical address.
+    pub fn guest_addr(&self) -> u64 {
+        self.guest_addr
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Offset in the backing.
+    pub fn backing_offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The backing's name as the layout records it: the memfd name or the file path
+    /// (`None` for anonymous memory).
+    pub fn backing_name(&self) -> Option<String> {
+        match &self.backend {
+            SpecBackend::Anonymous => None,
+            SpecBackend::Memfd { name, .. } => Some(name.clone()),
+            SpecBackend::File { path, .. } => path.to_str().map(str::to_string),
+        }
     }
 }
 
@@ -159,6 +191,16 @@ pub struct GuestRam {
 pub struct GuestRamBuilder {
     regions: Vec<RegionSpec>,
     options: MemoryOptions,
+    stamp: bool,
+}
+
+/// The backings of a build, each once, with the regions in it.
+struct Plan {
+    name: String,
+    spec: SpecBackend,
+    regions: Vec<usize>,
+    /// Bytes the backing needs.
+    end: u64,
 }
 
 impl GuestRamBuilder {
@@ -174,40 +216,84 @@ impl GuestRamBuilder {
         self
     }
 
+    /// Reserves one page after the first region's data in its backing for a
+    /// [`Stamp`](crate::Stamp): where an update records which saved state the memory belongs
+    /// to, outside anything the guest can see.
+    pub fn with_stamp(mut self) -> Self {
+        self.stamp = true;
+        self
+    }
+
     /// Creates the backings and maps them. On error nothing is left behind: files this call
     /// created are removed.
     pub fn build(self) -> Result<GuestRam> {
         let base = sys::base_page_size();
         // First the geometry, before anything is created.
-        let provisional = MemoryLayout {
+        let mut layout = MemoryLayout {
             regions: self
                 .regions
                 .iter()
                 .enumerate()
                 .map(|(i, s)| provisional_layout(i, s, base))
                 .collect::<Result<_>>()?,
+            stamp_offset: NO_STAMP,
         };
-        provisional.validate()?;
-        let mut names = HashMap::new();
-        for (i, r) in provisional.regions.iter().enumerate() {
-            if r.kind != BackendKind::Anonymous {
-                if let Some(first) = names.insert(r.name.clone(), i) {
+        layout.validate()?;
+        let mut plans: Vec<Plan> = Vec::new();
+        for (i, (spec, r)) in self.regions.iter().zip(&layout.regions).enumerate() {
+            let end = r.offset + r.size; // overflow excluded by validate()
+            if spec.backend == SpecBackend::Anonymous {
+                plans.push(Plan {
+                    name: r.name.clone(),
+                    spec: spec.backend.clone(),
+                    regions: vec![i],
+                    end,
+                });
+                continue;
+            }
+            match plans.iter_mut().find(|p| p.name == r.name) {
+                Some(p) if p.spec != spec.backend => {
                     return Err(Error::InvalidRegion {
                         index: i,
                         name: r.name.clone(),
-                        reason: format!("backing name already used by region {first}"),
-                    });
+                        reason: format!(
+                            "shares its backing with region {} but not its kind or options",
+                            p.regions[0]
+                        ),
+                    })
                 }
+                Some(p) => {
+                    p.regions.push(i);
+                    p.end = p.end.max(end);
+                }
+                None => plans.push(Plan {
+                    name: r.name.clone(),
+                    spec: spec.backend.clone(),
+                    regions: vec![i],
+                    end,
+                }),
             }
         }
+        check_backing_overlaps(&layout)?;
 
         let mut created = CreatedFiles(Vec::new());
-        let mut layout = MemoryLayout::default();
-        let mut files = Vec::new();
-        for (index, (spec, prov)) in self.regions.iter().zip(provisional.regions).enumerate() {
-            let (region, file) = create_backing(index, spec, prov, &self.options, &mut created)?;
-            layout.regions.push(region);
-            files.push(file);
+        let mut files: Vec<Option<Arc<File>>> = vec![None; layout.regions.len()];
+        for plan in &mut plans {
+            let stamped = self.stamp && plan.regions.contains(&0);
+            let (file, found) = create_backing(plan, stamped, &self.options, &mut created)?;
+            if stamped && file.is_some() {
+                // The last page of the backing, after every region in it.
+                layout.stamp_offset = plan.end - found.page_size;
+            }
+            for &i in &plan.regions {
+                let r = &mut layout.regions[i];
+                if let Some(kind) = kind_of(found.kind) {
+                    r.kind = kind;
+                }
+                r.page_size = found.page_size.max(r.page_size);
+                r.backing_size = found.size;
+                files[i] = file.clone();
+            }
         }
         layout.validate()?;
         let memory = map_all(&layout, &files, &self.options)?;
@@ -218,6 +304,30 @@ impl GuestRamBuilder {
             files,
         })
     }
+}
+
+fn align_up(v: u64, to: u64) -> u64 {
+    v.div_ceil(to.max(1)) * to.max(1)
+}
+
+/// Regions that share a backing must not overlap in it.
+fn check_backing_overlaps(layout: &MemoryLayout) -> Result<()> {
+    for (i, a) in layout.regions.iter().enumerate() {
+        for (j, b) in layout.regions.iter().enumerate().skip(i + 1) {
+            if a.kind != BackendKind::Anonymous
+                && a.name == b.name
+                && a.offset < b.offset + b.size
+                && b.offset < a.offset + a.size
+            {
+                return Err(Error::InvalidRegion {
+                    index: j,
+                    name: b.name.clone(),
+                    reason: format!("overlaps region {i} in their shared backing"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes the files a failed build created.
@@ -232,13 +342,8 @@ impl Drop for CreatedFiles {
 }
 
 fn provisional_layout(index: usize, spec: &RegionSpec, base: u64) -> Result<RegionLayout> {
-    let (kind, name, offset, page_size) = match &spec.backend {
-        SpecBackend::Anonymous => (
-            BackendKind::Anonymous,
-            format!("anonymous.{index}"),
-            0,
-            base,
-        ),
+    let (kind, name, page_size) = match &spec.backend {
+        SpecBackend::Anonymous => (BackendKind::Anonymous, format!("anonymous.{index}"), base),
         SpecBackend::Memfd { name, huge } => {
             if name.is_empty() || name.len() > 249 || name.contains(['\0', '/']) {
                 return Err(Error::InvalidRegion {
@@ -248,12 +353,12 @@ fn provisional_layout(index: usize, spec: &RegionSpec, base: u64) -> Result<Regi
                 });
             }
             let page = huge.map_or(base, HugePageSize::bytes);
-            (BackendKind::Memfd, name.clone(), 0, page)
+            (BackendKind::Memfd, name.clone(), page)
         }
-        SpecBackend::File { path, offset, .. } => {
+        SpecBackend::File { path, .. } => {
             let name = path_name(path)?;
             // The real kind and page size are known once the file is open.
-            (BackendKind::DiskFile, name, *offset, base)
+            (BackendKind::DiskFile, name, base)
         }
     };
     Ok(RegionLayout {
@@ -261,7 +366,11 @@ fn provisional_layout(index: usize, spec: &RegionSpec, base: u64) -> Result<Regi
         size: spec.size,
         kind,
         name,
-        offset,
+        offset: if spec.backend == SpecBackend::Anonymous {
+            0
+        } else {
+            spec.offset
+        },
         page_size,
         backing_size: 0,
     })
@@ -303,86 +412,132 @@ fn kind_of(found: Found) -> Option<BackendKind> {
     })
 }
 
+/// Opens a backing file by an absolute path with no symbolic link in it; a symlink
+/// anywhere on the way is [`Error::BadPath`], not followed.
+fn open_path(index: usize, name: &str, flags: i32, mode: u32, op: &'static str) -> Result<File> {
+    sys::open_no_symlinks(Path::new(name), flags, mode).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => Error::MissingBacking {
+            index,
+            name: name.to_string(),
+        },
+        Some(libc::ELOOP) => Error::BadPath {
+            path: PathBuf::from(name),
+            reason: "has a symbolic link in it, which is not followed",
+        },
+        _ => os_err(index, name, op)(e),
+    })
+}
+
+/// Refuses a huge page backing the host cannot fill: without it, the mapping fails with a
+/// bare ENOMEM, or a fault later kills the guest.
+fn check_huge_pages(index: usize, name: &str, page: u64, bytes: u64) -> Result<()> {
+    let needed = bytes.div_ceil(page);
+    let available = sys::available_huge_pages(page).unwrap_or(0);
+    if available < needed {
+        return Err(Error::NoHugePages {
+            index,
+            name: name.to_string(),
+            page_size: page,
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// Creates or opens one backing, sized for its regions (and the stamp page).
 fn create_backing(
-    index: usize,
-    spec: &RegionSpec,
-    mut region: RegionLayout,
+    plan: &mut Plan,
+    stamped: bool,
     options: &MemoryOptions,
     created: &mut CreatedFiles,
-) -> Result<(RegionLayout, Option<Arc<File>>)> {
-    let name = region.name.clone();
-    let need = region.offset + region.size; // overflow excluded by validate()
+) -> Result<(Option<Arc<File>>, sys::Backing)> {
+    let index = plan.regions[0];
+    let name = plan.name.clone();
+    let huge_noreserve = || Error::InvalidRegion {
+        index,
+        name: name.clone(),
+        reason: "MAP_NORESERVE with huge pages would SIGBUS when the pool runs out".into(),
+    };
     let file =
-        match &spec.backend {
-            SpecBackend::Anonymous => return Ok((region, None)),
+        match &plan.spec {
+            SpecBackend::Anonymous => {
+                let base = sys::base_page_size();
+                return Ok((
+                    None,
+                    sys::Backing {
+                        kind: Found::Other,
+                        size: 0,
+                        page_size: base,
+                        dev: 0,
+                        ino: 0,
+                    },
+                ));
+            }
             SpecBackend::Memfd { huge, .. } => {
                 if huge.is_some() && options.noreserve {
-                    return Err(Error::InvalidRegion {
-                        index,
-                        name,
-                        reason: "MAP_NORESERVE with huge pages would SIGBUS when the pool runs out"
-                            .into(),
-                    });
+                    return Err(huge_noreserve());
+                }
+                let page = huge.map_or_else(sys::base_page_size, HugePageSize::bytes);
+                if stamped {
+                    plan.end = align_up(plan.end, page) + page;
+                }
+                if let Some(h) = huge {
+                    check_huge_pages(index, &name, h.bytes(), plan.end)?;
                 }
                 let file = sys::memfd_create(&name, huge.map(HugePageSize::bytes))
                     .map_err(os_err(index, &name, "memfd_create"))?;
-                file.set_len(need)
+                file.set_len(plan.end)
                     .map_err(os_err(index, &name, "ftruncate"))?;
                 sys::add_seals(&file, RESIZE_SEALS | libc::F_SEAL_SEAL as u32)
                     .map_err(os_err(index, &name, "seal"))?;
                 file
             }
-            SpecBackend::File { path, create, .. } => {
-                let mut oo = OpenOptions::new();
-                oo.read(true)
-                    .write(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+            SpecBackend::File { path, create } => {
+                let mut flags = libc::O_RDWR;
                 if *create {
-                    oo.create_new(true).mode(0o600);
+                    flags |= libc::O_CREAT | libc::O_EXCL;
                 }
-                let file = oo.open(path).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Error::MissingBacking {
-                            index,
-                            name: name.clone(),
-                        }
-                    } else {
-                        os_err(index, &name, if *create { "create" } else { "open" })(e)
-                    }
-                })?;
+                let op = if *create { "create" } else { "open" };
+                let file = open_path(index, &name, flags, 0o600, op)?;
                 if *create {
                     created.0.push(path.clone());
-                    file.set_len(need)
+                }
+                let found = sys::inspect(file.as_fd()).map_err(os_err(index, &name, "fstat"))?;
+                if found.kind == Found::Hugetlbfs && options.noreserve {
+                    return Err(huge_noreserve());
+                }
+                if stamped {
+                    plan.end = align_up(plan.end, found.page_size) + found.page_size;
+                }
+                if *create {
+                    if found.kind == Found::Hugetlbfs {
+                        check_huge_pages(index, &name, found.page_size, plan.end)?;
+                    }
+                    file.set_len(plan.end)
                         .map_err(os_err(index, &name, "ftruncate"))?;
                 }
                 file
             }
         };
     let found = sys::inspect(file.as_fd()).map_err(os_err(index, &name, "fstat"))?;
-    region.kind = kind_of(found.kind).ok_or_else(|| Error::WrongKind {
-        index,
-        name: name.clone(),
-        expected: "a memfd, a regular file or a DAX device".into(),
-        found: found.kind.describe().into(),
-    })?;
-    region.page_size = found.page_size;
-    region.backing_size = found.size;
-    if found.kind == Found::Hugetlbfs && options.noreserve {
-        return Err(Error::InvalidRegion {
+    if kind_of(found.kind).is_none() {
+        return Err(Error::WrongKind {
             index,
             name,
-            reason: "MAP_NORESERVE with huge pages would SIGBUS when the pool runs out".into(),
+            expected: "a memfd, a regular file or a DAX device".into(),
+            found: found.kind.describe().into(),
         });
     }
-    if found.size < need {
+    if found.size < plan.end {
         return Err(Error::TooSmall {
             index,
             name,
-            need,
+            need: plan.end,
             have: found.size,
         });
     }
-    Ok((region, Some(Arc::new(file))))
+    Ok((Some(Arc::new(file)), found))
 }
 
 /// Checks a backing against its recorded layout: kind, page size, size, seals.
@@ -551,7 +706,9 @@ impl GuestRam {
         options: &MemoryOptions,
     ) -> Result<GuestRam> {
         layout.validate()?;
+        check_backing_overlaps(layout)?;
         let mut opened: Vec<Option<Arc<File>>> = Vec::with_capacity(layout.regions.len());
+        let mut opened_paths: HashMap<&str, Arc<File>> = HashMap::new();
         for (index, r) in layout.regions.iter().enumerate() {
             let file = match r.kind {
                 BackendKind::Anonymous => {
@@ -580,22 +737,18 @@ impl GuestRam {
                             reason: "MAP_NORESERVE with huge pages would SIGBUS".into(),
                         });
                     }
-                    let file = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                        .open(&r.name)
-                        .map_err(|e| match e.kind() {
-                            std::io::ErrorKind::NotFound => Error::MissingBacking {
-                                index,
-                                name: r.name.clone(),
-                            },
-                            _ => os_err(index, &r.name, "open")(e),
-                        })?;
+                    let file = match opened_paths.get(r.name.as_str()) {
+                        Some(f) => f.clone(),
+                        None => {
+                            let f = Arc::new(open_path(index, &r.name, libc::O_RDWR, 0, "open")?);
+                            opened_paths.insert(&r.name, f.clone());
+                            f
+                        }
+                    };
                     let found =
                         sys::inspect(file.as_fd()).map_err(os_err(index, &r.name, "fstat"))?;
                     check_backing(index, r, file.as_fd(), &found)?;
-                    Some(Arc::new(file))
+                    Some(file)
                 }
             };
             opened.push(file);
@@ -618,6 +771,15 @@ impl GuestRam {
                 };
                 *slot = Some(file);
             }
+        }
+        if layout.stamp_offset != NO_STAMP {
+            let r = &layout.regions[0];
+            let file = opened[0].as_ref().ok_or(Error::InvalidRegion {
+                index: 0,
+                name: r.name.clone(),
+                reason: "a stamp in anonymous memory".into(),
+            })?;
+            check_stamp_room(layout, file.metadata().map_or(0, |m| m.len()))?;
         }
         let memory = map_all(layout, &opened, options)?;
         for name in taken.keys() {
@@ -650,6 +812,10 @@ impl GuestRam {
     pub fn region_backing(&self, index: usize) -> Option<(BorrowedFd<'_>, u64)> {
         let file = self.files.get(index)?.as_ref()?;
         Some((file.as_fd(), self.layout.regions[index].offset))
+    }
+
+    pub(crate) fn backing_file(&self, index: usize) -> Option<&File> {
+        self.files.get(index)?.as_deref()
     }
 
     /// The memfds to preserve across an update, by name (each once).

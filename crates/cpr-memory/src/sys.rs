@@ -188,6 +188,108 @@ pub fn inspect(fd: BorrowedFd<'_>) -> io::Result<Backing> {
     })
 }
 
+/// `struct open_how` of `openat2(2)`.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+
+/// Opens an absolute `path` with `openat2(RESOLVE_NO_SYMLINKS)`: no component of it may be
+/// a symbolic link (`ELOOP` otherwise). `flags` get `O_CLOEXEC` added.
+pub fn open_no_symlinks(path: &std::path::Path, flags: i32, mode: u32) -> io::Result<File> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: if flags & libc::O_CREAT != 0 {
+            u64::from(mode)
+        } else {
+            0
+        },
+        resolve: RESOLVE_NO_SYMLINKS,
+    };
+    // SAFETY: openat2 reads the NUL-terminated path and `how` (of the size we pass), both
+    // alive for the call, and returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
+}
+
+/// Huge pages of `size` bytes the host can still hand out (`free - reserved`), or `None`
+/// if it has no pool of that size.
+pub fn available_huge_pages(size: u64) -> Option<u64> {
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", size >> 10);
+    let free = read_sysfs_u64(&format!("{dir}/free_hugepages")).ok()?;
+    let resv = read_sysfs_u64(&format!("{dir}/resv_hugepages")).unwrap_or(0);
+    Some(free.saturating_sub(resv))
+}
+
+/// Copies `buf.len()` bytes at `offset` of `fd` into `buf` (`write == false`) or from it
+/// into the file (`write == true`) through a temporary shared mapping of the `page` bytes at
+/// `offset` (page-aligned): hugetlbfs files and DAX devices have no `pread`/`pwrite`.
+pub fn through_mapping(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    page: u64,
+    buf: &mut [u8],
+    write: bool,
+) -> io::Result<()> {
+    let len = usize::try_from(page).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if buf.len() > len {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let prot = if write {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a new shared mapping of `len` bytes of the file at a page-aligned offset; it
+    // aliases nothing of ours and is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p` maps at least `buf.len()` readable (and, if writing, writable) bytes that
+    // nothing else in this process references; `buf` is a distinct Rust buffer.
+    unsafe {
+        if write {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), p.cast::<u8>(), buf.len());
+        } else {
+            std::ptr::copy_nonoverlapping(p.cast::<u8>(), buf.as_mut_ptr(), buf.len());
+        }
+    }
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    Ok(())
+}
+
 /// `madvise` over a mapping.
 pub fn madvise(addr: *mut u8, len: usize, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: the caller passes a mapping it owns; the advice values used here

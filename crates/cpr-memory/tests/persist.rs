@@ -19,12 +19,17 @@ use vm_memory::{Bytes, GuestAddress};
 const MIB: u64 = 1 << 20;
 
 fn schema() -> Schema {
-    Schema::builder().section::<MemoryLayout>().build().unwrap()
+    Schema::builder()
+        .types(cpr_memory::section_types())
+        .next_version()
+        .type_version::<MemoryLayout>(2)
+        .build()
+        .unwrap()
 }
 
 fn save_layout(layout: &MemoryLayout, path: &Path) {
     let schema = schema();
-    let mut w = SnapshotWriter::new(Vec::new(), &schema, "test", "1", 1).unwrap();
+    let mut w = SnapshotWriter::new(Vec::new(), &schema, "test", "1", 2).unwrap();
     w.write_section(0, layout).unwrap();
     std::fs::write(path, w.finish().unwrap()).unwrap();
 }
@@ -232,7 +237,7 @@ fn created_file_is_exclusive_and_private() {
         .region(RegionSpec::file(&link.0, 0, MIB).existing())
         .build();
     assert!(
-        matches!(via_link, Err(Error::Os { op: "open", .. })),
+        matches!(via_link, Err(Error::BadPath { .. })),
         "{via_link:?}"
     );
     drop(ram);
