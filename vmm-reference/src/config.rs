@@ -16,9 +16,13 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Print the state versions this build reads and writes, as JSON, and exit (what an
+    /// older build asks before it restarts into this one).
+    #[arg(long = "cpr-state-versions", exclusive = true)]
+    pub cpr_state_versions: bool,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Subcommands.
@@ -118,18 +122,49 @@ impl std::str::FromStr for Incoming {
     }
 }
 
+/// Huge pages for guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugePages(pub cpr_memory::HugePageSize);
+
+impl std::str::FromStr for HugePages {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "2M" | "2m" => Ok(HugePages(cpr_memory::HugePageSize::Size2M)),
+            "1G" | "1g" => Ok(HugePages(cpr_memory::HugePageSize::Size1G)),
+            _ => Err(format!("huge page size `{s}`: use 2M or 1G")),
+        }
+    }
+}
+
+/// How guest time moves across an update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestClock {
+    /// The guest sees no time pass (kvmclock resumes where it stopped).
+    #[default]
+    Frozen,
+    /// The guest sees the downtime (measured with the real-time clock across a host reboot).
+    Advance,
+}
+
 /// `run` options.
 #[derive(Clone, Debug, Args)]
 pub struct RunConfig {
-    /// Guest RAM backend: memfd, shm:/dev/shm/NAME, dax:/dev/daxX.Y, or anon.
+    /// Guest RAM backend: memfd, shm:/dev/shm/NAME (or a hugetlbfs path), dax:/dev/daxX.Y,
+    /// or anon.
     #[arg(long, default_value = "memfd")]
     pub memory: MemoryConfig,
-    /// Guest RAM size (up to 3G).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    pub memory_size: u64,
-    /// Number of vCPUs (1 to 8).
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: usize,
+    /// Guest RAM size, up to 1024G: RAM below 3 GiB, the rest above 4 GiB (default 1G; on
+    /// an incoming update, the saved size, which must match if given).
+    #[arg(long, value_parser = parse_size)]
+    pub memory_size: Option<u64>,
+    /// Huge pages for a memfd backend: 2M or 1G (the host needs free huge pages).
+    #[arg(long)]
+    pub huge_pages: Option<HugePages>,
+    /// Number of vCPUs, 1 to 8 (default 2; on an incoming update, the saved count, which must
+    /// match if given).
+    #[arg(long)]
+    pub vcpus: Option<usize>,
     /// Serial backend: stdout, null, file:PATH or unix:PATH.
     #[arg(long, default_value = "stdout")]
     pub serial: SerialConfig,
@@ -166,6 +201,37 @@ pub struct RunConfig {
     /// `full` or `no-update-vaddr` (a kernel without VFIO_UPDATE_VADDR).
     #[arg(long, hide = true, value_parser = ["full", "no-update-vaddr"])]
     pub vfio_model: Option<String>,
+    /// A binary `cpr-save` mode restart may exec (repeatable). Default: the binary this VMM
+    /// was started from. Each must be owned by root or this user and writable by nobody
+    /// else, as must its directory.
+    #[arg(long = "allow-update-binary")]
+    pub allow_update_binary: Vec<PathBuf>,
+    /// The directory `cpr-save` mode reboot and `cpr-load` use for state files; without it,
+    /// they are refused. Must be owned by root or this user and writable by nobody else.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Also let this group (name or number) use the monitor and serial sockets (mode 0660
+    /// instead of 0600).
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Most monitor clients at once; more are refused with a QMP error.
+    #[arg(long, default_value_t = crate::monitor::DEFAULT_MAX_CLIENTS)]
+    pub max_clients: usize,
+    /// Guest clock across an update.
+    #[arg(long, value_enum, default_value_t = GuestClock::Frozen)]
+    pub guest_clock: GuestClock,
+}
+
+impl RunConfig {
+    /// Guest RAM size when booting: the command line's, or 1 GiB.
+    pub fn boot_memory_size(&self) -> u64 {
+        self.memory_size.unwrap_or(1 << 30)
+    }
+
+    /// vCPUs when booting: the command line's, or 2.
+    pub fn boot_vcpus(&self) -> usize {
+        self.vcpus.unwrap_or(2)
+    }
 }
 
 /// `demo` options.
@@ -228,11 +294,12 @@ mod tests {
             "defer",
         ])
         .unwrap();
-        let Command::Run(r) = cli.command else {
+        let Some(Command::Run(r)) = cli.command else {
             panic!()
         };
         assert_eq!(r.incoming, Some(Incoming::Defer));
-        assert_eq!(r.vcpus, 1);
+        assert_eq!(r.vcpus, Some(1));
+        assert_eq!(r.memory_size, None);
         assert!(Cli::try_parse_from(["vmm-reference", "run", "--memory", "bogus"]).is_err());
     }
 }

@@ -191,12 +191,24 @@ impl Drop for Vm {
 
 /// Starts `vmm-reference run ARGS` (logging to `log`) and connects to its monitor.
 pub fn spawn(exe: &Path, args: &[String], monitor: &Path, log: &Path) -> Check<Vm> {
+    spawn_env(exe, args, &[], monitor, log)
+}
+
+/// [`spawn`] with extra environment variables (the tests' fault hooks).
+pub fn spawn_env(
+    exe: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    monitor: &Path,
+    log: &Path,
+) -> Check<Vm> {
     let log_file =
         std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .arg("run")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(err_file)
@@ -217,9 +229,22 @@ pub fn spawn(exe: &Path, args: &[String], monitor: &Path, log: &Path) -> Check<V
 /// Starts `vmm-reference run --incoming transfer:SOCK` (logging to `log`) and waits until it
 /// listens.
 pub fn spawn_transfer_target(exe: &Path, sock: &Path, log: &Path) -> Check<Child> {
+    spawn_transfer_target_with(exe, sock, &[], &[], log)
+}
+
+/// [`spawn_transfer_target`] with extra arguments and environment variables.
+pub fn spawn_transfer_target_with(
+    exe: &Path,
+    sock: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Check<Child> {
     let log = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let mut child = Command::new(exe)
         .args(["run", "--incoming", &format!("transfer:{}", sock.display())])
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
@@ -276,24 +301,32 @@ fn blackout(v: &Value) -> Check<u64> {
         .ok_or_else(|| format!("no blackout in {v}"))
 }
 
+/// A private (0700), unpredictably named directory in `parent`, created exclusively: a
+/// local user cannot plant files or symlinks in it beforehand.
+pub fn private_dir(parent: &Path, prefix: &str) -> Check<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .map_err(|e| format!("create a directory in {}: {e}", parent.display()))
+}
+
 /// Runs the demo.
 pub fn run(cfg: &DemoConfig) -> Check<()> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (dir, temporary) = match &cfg.work_dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("cpr-demo-{}", std::process::id())),
-            true,
-        ),
+    let exe = cpr_fd::startup_executable().map_err(|e| e.to_string())?;
+    // Sockets, logs and state in a private directory; guest RAM for the reboot in a private
+    // directory of /dev/shm.
+    let work = match &cfg.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+            private_dir(d, "cpr-demo-")?
+        }
+        None => private_dir(&std::env::temp_dir(), "cpr-demo-")?,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let shm = PathBuf::from(format!("/dev/shm/cpr-demo-{}", std::process::id()));
-    let result = run_in(cfg, &exe, &dir, &shm);
-    let _ = std::fs::remove_file(&shm);
-    if temporary && result.is_ok() {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        println!("work directory kept: {}", dir.display());
+    let shm = private_dir(Path::new("/dev/shm"), "cpr-demo-")?;
+    let result = run_in(cfg, &exe, work.path(), &shm.path().join("guest-ram"));
+    if result.is_err() || cfg.work_dir.is_some() {
+        println!("work directory kept: {}", work.path().display());
+        let _ = work.keep();
     }
     result
 }
@@ -401,6 +434,8 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         s(monitor.clone()),
         "--demo-span".into(),
         span,
+        "--state-dir".into(),
+        s(dir.to_path_buf()),
     ];
     let mut vm = spawn(exe, &args, &monitor, &p("vmm-reboot-1.log"))?;
     let before = wait_progress(&mut vm.qmp, &boot, 3)?;
@@ -413,7 +448,7 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         info["modes"]["reboot"]["supported"], info["modes"]["reboot"]["warnings"]
     );
     vm.qmp
-        .execute("cpr-save", json!({"mode": "reboot", "path": state}))
+        .execute("cpr-save", json!({"mode": "reboot", "path": "vm.state"}))
         .map_err(|e| format!("reboot save: {e}"))?;
     let code = wait_exit(&mut vm.child, Duration::from_secs(30))?;
     if code != 0 {

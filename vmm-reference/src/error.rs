@@ -21,6 +21,9 @@ pub enum Error {
     /// The state container.
     #[error(transparent)]
     Snapshot(#[from] cpr_snapshot::Error),
+    /// A live update.
+    #[error(transparent)]
+    Update(#[from] cpr_update::Error),
     /// A file or socket operation.
     #[error("{0}")]
     Io(String),

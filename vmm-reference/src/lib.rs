@@ -13,21 +13,15 @@ pub mod gate;
 pub mod guest;
 pub mod linux;
 pub mod machine;
+pub mod memory;
 pub mod monitor;
 pub mod passthrough;
+pub mod policy;
 pub mod qmp_client;
 pub mod serial;
 pub mod unix;
+pub mod update;
 pub mod vmm;
-
-/// What the control loop receives.
-#[derive(Debug)]
-pub enum ControlMsg {
-    /// A monitor command.
-    Qmp(monitor::Request),
-    /// A vCPU event.
-    Vcpu(machine::VcpuEvent),
-}
 
 /// Runs the command line; returns the process exit code.
 pub fn main_with(cli: config::Cli) -> i32 {
@@ -35,7 +29,15 @@ pub fn main_with(cli: config::Cli) -> i32 {
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_micros()
         .try_init();
-    match cli.command {
+    if cli.cpr_state_versions {
+        println!("{}", update::build_info(&update::schema()).to_json());
+        return 0;
+    }
+    let Some(command) = cli.command else {
+        eprintln!("vmm-reference: a command is needed (run, demo, inspect); see --help");
+        return 2;
+    };
+    match command {
         config::Command::Run(cfg) => match vmm::Vmm::start(*cfg).and_then(vmm::Vmm::run) {
             Ok(_) => 0,
             Err(e) => {

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use cpr_kvm::run::{arm_kick, install_kick_handler, kick, PauseControl, Resume};
@@ -43,12 +43,30 @@ pub enum VcpuEvent {
     },
 }
 
+/// Where vCPU threads report: a channel, and an eventfd that wakes the control loop.
+#[derive(Debug, Clone)]
+pub struct Events {
+    /// The channel.
+    pub tx: Sender<VcpuEvent>,
+    /// Readable when something was sent.
+    pub wake: Arc<EventFd>,
+}
+
+impl Events {
+    fn send(&self, e: VcpuEvent) {
+        let _ = self.tx.send(e);
+        let _ = self.wake.write(1);
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     pause: PauseControl,
     caps: HostCaps,
     states: Mutex<Vec<Option<std::result::Result<VcpuState, String>>>>,
     first_entry_ns: AtomicU64,
+    /// A thread waiting for the first entry, unparked by the vCPU that makes it.
+    first_entry_waiter: Mutex<Option<Thread>>,
 }
 
 /// A running (or paused) VM.
@@ -154,6 +172,7 @@ impl Machine {
                 caps,
                 states: Mutex::new(vec![None; vcpus]),
                 first_entry_ns: AtomicU64::new(u64::MAX),
+                first_entry_waiter: Mutex::new(None),
             }),
             threads: Vec::new(),
             pending,
@@ -228,6 +247,7 @@ impl Machine {
         &mut self,
         vm_state: &VmState,
         vcpus: &[VcpuState],
+        policy: ClockPolicy,
         elapsed_ns: u64,
     ) -> Result<Vec<u32>> {
         if vcpus.len() != self.pending.len() {
@@ -237,10 +257,10 @@ impl Machine {
                 self.pending.len()
             )));
         }
-        restore_vm(&self.vm, vm_state, ClockPolicy::Frozen, elapsed_ns)?;
+        restore_vm(&self.vm, vm_state, policy, elapsed_ns)?;
         let mut refused = Vec::new();
         for (vcpu, state) in self.pending.iter().zip(vcpus) {
-            let r = restore_vcpu(vcpu, state, ClockPolicy::Frozen, elapsed_ns)?;
+            let r = restore_vcpu(vcpu, state, policy, elapsed_ns)?;
             refused.extend(r.refused_msrs);
         }
         refused.sort_unstable();
@@ -248,8 +268,56 @@ impl Machine {
         Ok(refused)
     }
 
-    /// Starts the vCPU threads.
-    pub fn start(&mut self, events: Sender<crate::ControlMsg>) -> Result<()> {
+    /// Whether the vCPU threads exist (started running or parked).
+    pub fn started(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Starts the vCPU threads, running.
+    pub fn start(&mut self, events: Events) -> Result<()> {
+        self.spawn(events)
+    }
+
+    /// Starts the vCPU threads parked, as after [`pause`](Self::pause): a restored guest
+    /// that was paused before its update. [`resume`](Self::resume) runs them.
+    pub fn start_paused(&mut self, events: Events, timeout: Duration) -> Result<u64> {
+        self.shared.pause.request_pause();
+        self.spawn(events)?;
+        Ok(self.shared.pause.wait_parked(timeout)?)
+    }
+
+    /// Stops the vCPU threads for good and waits for them, so the VM is torn down with no
+    /// vCPU in the guest.
+    pub fn shutdown(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.shared.pause.request_pause();
+        for t in &self.threads {
+            let _ = kick(t);
+        }
+        let start = Instant::now();
+        while self
+            .shared
+            .pause
+            .wait_parked(Duration::from_millis(50))
+            .is_err()
+        {
+            if start.elapsed() > Duration::from_secs(10) {
+                log::error!("vCPUs did not stop within 10 s; exiting with them running");
+                return;
+            }
+            for t in &self.threads {
+                let _ = kick(t);
+            }
+        }
+        self.shared.pause.release(Resume::Exit);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn spawn(&mut self, events: Events) -> Result<()> {
         self.shared.first_entry_ns.store(u64::MAX, Ordering::SeqCst);
         for (index, vcpu) in self.pending.drain(..).enumerate() {
             let shared = self.shared.clone();
@@ -300,16 +368,31 @@ impl Machine {
         Some(self.shared.first_entry_ns.load(Ordering::SeqCst)).filter(|v| *v != u64::MAX)
     }
 
-    /// Waits for [`first_entry_ns`](Self::first_entry_ns).
+    /// Waits for [`first_entry_ns`](Self::first_entry_ns); the vCPU that enters first
+    /// wakes this thread.
     pub fn wait_first_entry(&self, timeout: Duration) -> Option<u64> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
+        let deadline = Instant::now() + timeout;
+        *self
+            .shared
+            .first_entry_waiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current());
+        let r = loop {
             if let Some(ns) = self.first_entry_ns() {
-                return Some(ns);
+                break Some(ns);
             }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        None
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            std::thread::park_timeout(left);
+        };
+        self.shared
+            .first_entry_waiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        r
     }
 
     /// The state of a paused VM: VM-wide, then each vCPU's (captured by its own thread).
@@ -359,7 +442,7 @@ fn vcpu_loop(
     mut vcpu: VcpuFd,
     shared: Arc<Shared>,
     uart: Arc<Mutex<crate::serial::Uart>>,
-    events: Sender<crate::ControlMsg>,
+    events: Events,
 ) {
     arm_kick(&mut vcpu);
     let mut entered = false;
@@ -390,9 +473,19 @@ fn vcpu_loop(
             }
         }
         if !entered {
-            shared
+            let before = shared
                 .first_entry_ns
                 .fetch_min(monotonic_ns(), Ordering::SeqCst);
+            if before == u64::MAX {
+                if let Some(t) = shared
+                    .first_entry_waiter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    t.unpark();
+                }
+            }
             entered = true;
         }
         let exit = vcpu.run();
@@ -452,7 +545,7 @@ fn vcpu_loop(
                 ));
             }
             log::error!("vCPU {index}: {reason}");
-            let _ = events.send(crate::ControlMsg::Vcpu(VcpuEvent::Fatal { index, reason }));
+            events.send(VcpuEvent::Fatal { index, reason });
             // Stay parkable so the VMM can still stop and tear down.
             loop {
                 while !shared.pause.pause_requested() {

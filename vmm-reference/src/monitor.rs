@@ -2,41 +2,61 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! A QMP monitor on a UNIX socket: greeting, capabilities negotiation, commands answered with
-//! `return` or `error`, timestamped events. Clients and the listening socket are handed to
-//! the next image on restart, so a connected client stays connected and negotiated.
+//! `return` or `error`, timestamped events.
 //!
-//! Nothing a client sends is lost across a restart or transfer: [`Monitor::hold`] parks
-//! every monitor thread (input not yet read stays in the socket for the next image), and
-//! [`Monitor::carry`] packs what was read but not yet executed into a [`MonitorSection`],
-//! which the next image replays before reading more ([`Monitor::start`]).
+//! The monitor is privileged, as QEMU's QMP is: a client can stop, save and restart the VM.
+//! Its socket is mode 0600 whatever the umask (see [`crate::unix`]).
+//!
+//! One thread serves every client from an epoll loop ([`Monitor::poll`], called by the VMM's
+//! control loop, which runs each command before it asks for the next):
+//!
+//! - sockets are non-blocking; each client's output waits in a buffer of at most
+//!   [`MAX_OUTPUT`] bytes, written as the socket takes it. A client that does not read is
+//!   disconnected when its buffer would overflow, without delaying anyone else.
+//! - a client's socket is read only once every command already read from it has run, so
+//!   the kernel's socket buffer is the queue: a flood of commands costs the VMM no memory,
+//!   and needs no "queue full" answer.
+//! - at most `max_clients` clients ([`DEFAULT_MAX_CLIENTS`]); one more gets a QMP error and
+//!   is closed.
+//!
+//! Nothing a client sends is lost across a restart or transfer: the listener and every
+//! client are handed to the next image ([`Monitor::register_fds`]), and what was read but not
+//! run, with output not yet written, goes into the state ([`Monitor::carry`], section
+//! `monitor`); the next image writes that output, answers the update, runs the carried
+//! commands, then reads the sockets again.
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cpr_fd::{FdKind, FdRegistry};
 use cpr_snapshot::prelude::*;
 use cpr_snapshot::Blob;
 use serde_json::{json, Map, Value};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::error::{Error, Result};
-use crate::gate::{lock, Gate};
-use crate::ControlMsg;
+use crate::unix::Access;
 
 /// Largest single QMP message accepted, in bytes.
 pub const MAX_MESSAGE: usize = 64 << 10;
+/// Largest output waiting for one client; a client that lets more pile up is disconnected.
+pub const MAX_OUTPUT: usize = 1 << 20;
+/// Default for `--max-clients`.
+pub const DEFAULT_MAX_CLIENTS: usize = 16;
+/// fd names of the listener and the clients in a handover.
+const LISTENER_FD: &str = "monitor.listener";
+/// fd kind of the listener.
+pub const LISTENER_KIND: FdKind = FdKind(0x101);
 
-/// How long a reply or event may wait for a client that does not read; the client is then
-/// disconnected, so it cannot stall the VMM.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_CLIENT: u64 = 1 << 32;
 
 /// A command for the VMM's control loop.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Request {
     /// Client that sent it.
     pub client: u64,
@@ -48,41 +68,42 @@ pub struct Request {
     pub arguments: Map<String, Value>,
 }
 
-#[derive(Debug)]
-struct Client {
-    id: u64,
-    stream: UnixStream,
-    negotiated: bool,
-    /// While the monitor is held: input this client's thread read but had not completed
-    /// into a message ([`Splitter::save`]).
-    held_input: Option<(bool, Vec<u8>)>,
-}
-
-#[derive(Debug, Default)]
-struct Clients {
-    list: Vec<Client>,
-    /// Connections handed over by the previous image, not yet served ([`Monitor::start`]).
-    idle: Vec<(u64, UnixStream)>,
-}
-
-/// Input a client sent that the previous image read but did not execute.
+/// Input a client sent that the previous image read but did not run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
 pub struct CarriedInput {
     /// The client.
     pub client: u64,
-    /// Complete commands, as QMP text, in the order they arrived.
+    /// Complete messages, as QMP text, in the order they arrived.
     pub replay: Blob,
-    /// Whether the client's reader was discarding the rest of a malformed line.
+    /// Whether the client's reader was discarding a bad run of input.
     pub skipping: bool,
     /// The start of an incomplete message.
     pub partial: Blob,
 }
 
-/// Monitor input carried across a restart or transfer.
+/// Output the previous image had not yet written to a client.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+pub struct CarriedOutput {
+    /// The client.
+    pub client: u64,
+    /// The bytes, in order.
+    pub bytes: Blob,
+}
+
+/// Monitor input and output carried across a restart or transfer.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
 pub struct MonitorSection {
     /// One entry per client with carried input.
     pub clients: Vec<CarriedInput>,
+    /// One entry per client with pending output (added in version 2).
+    #[version(start = 2, default_fn = "no_output")]
+    pub output: Vec<CarriedOutput>,
+}
+
+impl MonitorSection {
+    fn no_output(_: u16) -> Vec<CarriedOutput> {
+        Vec::new()
+    }
 }
 
 impl Section for MonitorSection {
@@ -90,17 +111,6 @@ impl Section for MonitorSection {
     // An image that does not know it still serves the clients; it only misses their
     // commands that were in flight.
     const SKIPPABLE: bool = true;
-}
-
-/// The monitor.
-#[derive(Debug, Clone)]
-pub struct Monitor {
-    listener: Arc<UnixListener>,
-    clients: Arc<Mutex<Clients>>,
-    next_id: Arc<AtomicU64>,
-    tx: Sender<ControlMsg>,
-    gate: Arc<Gate>,
-    started: Arc<AtomicBool>,
 }
 
 /// A QMP error answer.
@@ -122,49 +132,47 @@ impl QmpError {
     }
 }
 
-fn timestamp() -> Value {
-    let now = SystemTime::now()
+/// A QMP timestamp of `CLOCK_REALTIME` nanoseconds.
+pub fn timestamp_of(realtime_ns: u64) -> Value {
+    json!({"seconds": realtime_ns / 1_000_000_000, "microseconds": (realtime_ns % 1_000_000_000) / 1000})
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
 }
 
 fn greeting() -> Value {
-    json!({"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0},
+    json!({"QMP": {"version": {"qemu": {"major": 0, "minor": 2, "micro": 0},
         "package": concat!("vmm-reference ", env!("CARGO_PKG_VERSION"))}, "capabilities": []}})
 }
 
-fn send(stream: &UnixStream, msg: &Value) -> bool {
-    let mut text = msg.to_string();
-    text.push_str("\r\n");
-    if (&*stream).write_all(text.as_bytes()).is_err() {
-        // Gone, or not reading for WRITE_TIMEOUT: disconnect it rather than stall the VMM.
-        // Its reader thread then sees the end of input and removes it.
-        let _ = stream.shutdown(std::net::Shutdown::Both);
-        return false;
-    }
-    true
-}
-
 /// A queued command as QMP text, for replay by the next image.
-fn request_text(r: &Request) -> String {
-    let mut v = json!({"execute": r.command, "arguments": r.arguments});
-    if let Some(id) = &r.id {
-        v["id"] = id.clone();
+fn message_text(m: &Queued) -> Vec<u8> {
+    match m {
+        Queued::Text(t) => {
+            let mut t = t.clone();
+            t.push(b'\n');
+            t
+        }
+        Queued::Garbage(_) => Vec::new(),
     }
-    let mut text = v.to_string();
-    text.push('\n');
-    text
 }
 
-/// Splits a byte stream into top-level JSON objects (QMP needs no newlines between them).
+/// Splits a byte stream into top-level JSON values (QMP needs no newlines between them).
+///
+/// A value is an object or an array (the latter is answered as not an object). Anything
+/// else outside a value is a bad run of input, which ends at white space or at the start of
+/// a value, and gets one error: every input gets an answer.
 #[derive(Debug, Default)]
 pub struct Splitter {
     buf: Vec<u8>,
     depth: usize,
     in_string: bool,
     escape: bool,
-    /// Discarding the rest of a line that did not start an object.
+    /// Inside a bad run of input.
     skipping: bool,
 }
 
@@ -173,7 +181,7 @@ pub struct Splitter {
 pub enum Piece {
     /// A complete top-level JSON value's text.
     Message(Vec<u8>),
-    /// Input that is not a JSON object, or too long; the splitter has reset.
+    /// Input that is not a JSON value, or too long; the splitter has reset.
     Garbage(String),
 }
 
@@ -182,16 +190,16 @@ impl Splitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut out = Vec::new();
         for &b in bytes {
-            if self.skipping {
-                self.skipping = b != b'\n';
-                continue;
-            }
             if self.depth == 0 {
                 match b {
-                    b' ' | b'\t' | b'\r' | b'\n' => continue,
-                    b'{' => {}
+                    b' ' | b'\t' | b'\r' | b'\n' => {
+                        self.skipping = false;
+                        continue;
+                    }
+                    b'{' | b'[' => self.skipping = false,
+                    _ if self.skipping => continue,
                     _ => {
-                        // One error per bad line, not per byte.
+                        // One error per bad run, not per byte.
                         out.push(Piece::Garbage(format!(
                             "JSON parse error: expected an object, found {:?}",
                             char::from(b)
@@ -223,7 +231,10 @@ impl Splitter {
                 }
             }
             if self.buf.len() > MAX_MESSAGE {
-                *self = Splitter::default();
+                *self = Splitter {
+                    skipping: true,
+                    ..Splitter::default()
+                };
                 out.push(Piece::Garbage(format!(
                     "message longer than {MAX_MESSAGE} bytes"
                 )));
@@ -232,8 +243,8 @@ impl Splitter {
         out
     }
 
-    /// What a reader that takes over needs: whether this splitter is discarding the rest of
-    /// a bad line, and the bytes of the message it has started.
+    /// What a reader that takes over needs: whether this splitter is in a bad run of input,
+    /// and the bytes of the message it has started.
     pub fn save(&self) -> (bool, Vec<u8>) {
         (self.skipping, self.buf.clone())
     }
@@ -278,6 +289,17 @@ pub fn parse_command(v: Value) -> std::result::Result<ParsedCommand, (QmpError, 
     Ok((command, arguments, id))
 }
 
+/// Refuses any argument not in `allowed`, as QEMU does.
+pub fn check_arguments(
+    args: &Map<String, Value>,
+    allowed: &[&str],
+) -> std::result::Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
 /// Runs monitor input through the same splitting, JSON parsing and command checks as a
 /// connection does, without a VMM (for the fuzzer and its seed replay). Returns the number of
 /// well-formed commands.
@@ -316,286 +338,385 @@ pub fn fuzz_input(data: &[u8]) -> usize {
     commands
 }
 
-impl Monitor {
-    /// Listens on `path` (replacing a stale socket, refusing to replace anything else) and
-    /// serves clients right away.
-    pub fn bind(path: &Path, tx: Sender<ControlMsg>) -> Result<Monitor> {
-        let listener = crate::unix::listen(path)
-            .map_err(|e| Error::Io(format!("bind monitor `{}`: {e}", path.display())))?;
-        let m = Monitor::new(listener, tx)?;
-        m.start(None);
-        Ok(m)
-    }
+/// A piece waiting for its turn.
+#[derive(Debug)]
+enum Queued {
+    Text(Vec<u8>),
+    Garbage(String),
+}
 
-    fn new(listener: UnixListener, tx: Sender<ControlMsg>) -> Result<Monitor> {
-        // The acceptor polls before it accepts; non-blocking, a connection that another
-        // image holding the same listener took first cannot block it.
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::Io(format!("monitor listener: {e}")))?;
+#[derive(Debug)]
+struct Client {
+    stream: UnixStream,
+    negotiated: bool,
+    splitter: Splitter,
+    queue: VecDeque<Queued>,
+    out: Vec<u8>,
+    /// The peer closed its side: run what is queued, then drop it.
+    eof: bool,
+    /// Watching for writability.
+    want_out: bool,
+}
+
+/// What [`Monitor::poll`] found.
+#[derive(Debug, Default)]
+pub struct Polled {
+    /// The next command to run. One at a time: what is not run yet stays queued in the
+    /// monitor, where [`Monitor::carry`] finds it if this command is an update.
+    pub request: Option<Request>,
+    /// Tokens of the extra fds ([`Monitor::watch`]) that became readable.
+    pub woken: Vec<u64>,
+}
+
+/// The monitor. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Monitor {
+    listener: UnixListener,
+    epoll: Epoll,
+    clients: BTreeMap<u64, Client>,
+    next_id: u64,
+    max_clients: usize,
+    serving: bool,
+    /// Whose turn it is to run a command first (round robin).
+    turn: u64,
+}
+
+fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is touched.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::Io(format!("monitor: {what}: {e}"))
+}
+
+impl Monitor {
+    fn new(listener: UnixListener, max_clients: usize) -> Result<Monitor> {
+        listener.set_nonblocking(true).map_err(io("listener"))?;
+        let epoll = Epoll::new().map_err(io("epoll"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+            )
+            .map_err(io("epoll"))?;
         Ok(Monitor {
-            listener: Arc::new(listener),
-            clients: Arc::default(),
-            next_id: Arc::new(AtomicU64::new(1)),
-            tx,
-            gate: Arc::new(Gate::new("monitor")?),
-            started: Arc::default(),
+            listener,
+            epoll,
+            clients: BTreeMap::new(),
+            next_id: 1,
+            max_clients: max_clients.max(1),
+            serving: false,
+            turn: 0,
         })
     }
 
+    /// Listens on `path` (a stale socket is replaced, anything else refused) and serves
+    /// clients right away.
+    pub fn bind(path: &Path, access: Access, max_clients: usize) -> Result<Monitor> {
+        let listener = crate::unix::listen(path, access)
+            .map_err(|e| Error::Io(format!("bind monitor `{}`: {e}", path.display())))?;
+        let mut m = Monitor::new(listener, max_clients)?;
+        m.start();
+        Ok(m)
+    }
+
     /// Rebuilds the monitor from fds handed over by the previous image: the listener and
-    /// every client, which keep their negotiated state and get no new greeting. It can
-    /// answer and send events at once, but reads nothing until [`start`](Self::start).
-    pub fn from_fds(fds: &mut FdRegistry, tx: Sender<ControlMsg>) -> Result<Option<Monitor>> {
-        let Some(listener) = fds.take("monitor.listener") else {
+    /// every client, which keep their negotiated state and get no new greeting, with the
+    /// input and output `carried` in the state. It can answer and send events at once, but
+    /// reads and accepts nothing until [`start`](Self::start).
+    pub fn from_fds(
+        fds: &mut FdRegistry,
+        carried: Option<MonitorSection>,
+        max_clients: usize,
+    ) -> Result<Option<Monitor>> {
+        let Some(listener) = fds.take(LISTENER_FD) else {
             return Ok(None);
         };
-        let m = Monitor::new(UnixListener::from(listener.into_fd()), tx)?;
-        let mut max_id = 0;
-        let mut clients = lock(&m.clients);
+        let mut m = Monitor::new(UnixListener::from(listener.into_fd()), max_clients)?;
+        let carried = carried.unwrap_or_default();
         for e in fds.take_kind(FdKind::MONITOR) {
             let meta = e.metadata();
-            if meta.len() != 9 {
+            if meta.len() != 9 || meta[0] > 1 {
                 return Err(Error::State(format!(
                     "monitor client `{}` has bad metadata",
                     e.name()
                 )));
             }
-            let id = u64::from_le_bytes(meta[1..9].try_into().unwrap_or_default());
+            let mut idb = [0u8; 8];
+            idb.copy_from_slice(&meta[1..9]);
+            let id = u64::from_le_bytes(idb);
+            if id == 0 || id >= u64::MAX / 2 || m.clients.contains_key(&id) {
+                return Err(Error::State(format!("monitor client id {id} is not valid")));
+            }
             let negotiated = meta[0] == 1;
-            max_id = max_id.max(id);
             let stream = UnixStream::from(e.into_fd());
-            let reader = stream
-                .try_clone()
-                .and_then(|r| stream.set_write_timeout(Some(WRITE_TIMEOUT)).map(|()| r))
-                .map_err(|e| Error::Io(format!("monitor client {id}: {e}")))?;
-            clients.list.push(Client {
-                id,
-                stream,
-                negotiated,
-                held_input: None,
-            });
-            clients.idle.push((id, reader));
+            let mut client = m.client(stream, negotiated)?;
+            if let Some(c) = carried.clients.iter().find(|c| c.client == id) {
+                for p in client.splitter.push(&c.replay) {
+                    client.queue.push_back(Queued::from(p));
+                }
+                let (s, pieces) = Splitter::resume(c.skipping, &c.partial);
+                client.splitter = s;
+                client.queue.extend(pieces.into_iter().map(Queued::from));
+            }
+            if let Some(o) = carried.output.iter().find(|o| o.client == id) {
+                client.out = o.bytes.0.clone();
+            }
+            m.add(id, client)?;
+            m.next_id = m.next_id.max(id + 1);
         }
-        drop(clients);
-        m.next_id.store(max_id.saturating_add(1), Ordering::SeqCst);
         Ok(Some(m))
     }
 
-    /// Starts serving (once): handed-over clients first replay the input `carried` from the
-    /// previous image, then read their sockets; new connections are accepted.
-    pub fn start(&self, carried: Option<MonitorSection>) {
-        let mut carried = carried.map(|c| c.clients).unwrap_or_default();
-        if self.started.swap(true, Ordering::SeqCst) {
-            if !carried.is_empty() {
-                log::warn!("monitor: already serving; carried input is dropped");
-            }
-            return;
-        }
-        let idle = std::mem::take(&mut lock(&self.clients).idle);
-        for (id, reader) in idle {
-            let input = carried
-                .iter()
-                .position(|c| c.client == id)
-                .map(|i| carried.swap_remove(i));
-            self.spawn_reader(id, reader, input);
-        }
-        for c in carried {
-            log::warn!(
-                "monitor: dropping carried input of client {}, which is gone",
-                c.client
-            );
-        }
-        self.start_accepting();
+    fn client(&self, stream: UnixStream, negotiated: bool) -> Result<Client> {
+        set_nonblocking(stream.as_raw_fd()).map_err(io("client"))?;
+        Ok(Client {
+            stream,
+            negotiated,
+            splitter: Splitter::default(),
+            queue: VecDeque::new(),
+            out: Vec::new(),
+            eof: false,
+            want_out: false,
+        })
     }
 
-    /// Registers duplicates of the listener and client fds for the next image.
-    pub fn register_fds(&self, reg: &mut FdRegistry) -> Result<()> {
-        let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<OwnedFd> {
-            fd.try_clone_to_owned()
-                .map_err(|e| Error::Io(format!("dup monitor fd: {e}")))
-        };
-        reg.register(
-            "monitor.listener",
-            FdKind(0x101),
-            dup(self.listener.as_fd())?,
-            b"",
-        )?;
-        for c in &lock(&self.clients).list {
-            let mut meta = vec![u8::from(c.negotiated)];
-            meta.extend_from_slice(&c.id.to_le_bytes());
-            reg.register(
-                &format!("monitor.client.{}", c.id),
-                FdKind::MONITOR,
-                dup(c.stream.as_fd())?,
-                &meta,
-            )?;
-        }
+    fn add(&mut self, id: u64, client: Client) -> Result<()> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                client.stream.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, TOKEN_CLIENT + id),
+            )
+            .map_err(io("epoll"))?;
+        self.clients.insert(id, client);
+        self.update_interest(id);
         Ok(())
     }
 
-    /// Parks every monitor thread before a live update. Input not yet read stays in the
-    /// sockets, for whichever image reads next; input read but not yet a command is kept
-    /// for [`carry`](Self::carry); commands already sent stay in the control loop's queue.
-    /// No connection is accepted while held. Fails, and releases again, if a thread does
-    /// not park within `timeout` (one writing to a client that does not read is stuck for
-    /// up to [`WRITE_TIMEOUT`]).
-    pub fn hold(&self, timeout: Duration) -> Result<()> {
-        self.gate.hold(timeout)
+    /// Starts accepting and reading (the new side of an update calls it once the guest is
+    /// its own).
+    pub fn start(&mut self) {
+        self.serving = true;
     }
 
-    /// Lets the threads run again after [`hold`](Self::hold) (the update failed).
-    pub fn release(&self) {
-        for c in &mut lock(&self.clients).list {
-            c.held_input = None;
-        }
-        self.gate.release();
+    /// Watches another fd from the same loop: [`poll`](Self::poll) returns `token` in
+    /// [`Polled::woken`] when it is readable.
+    pub fn watch(&mut self, fd: RawFd, token: u64) -> Result<()> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(io("epoll"))
     }
 
-    /// Packs the input of a held monitor for the next image: per client, the commands
-    /// `queued` for the control loop (in order), then what its reader had started.
-    pub fn carry<'a>(&self, queued: impl IntoIterator<Item = &'a Request>) -> MonitorSection {
-        let queued: Vec<&Request> = queued.into_iter().collect();
-        let clients = lock(&self.clients);
-        let mut out = Vec::new();
-        for c in &clients.list {
-            let replay: String = queued
-                .iter()
-                .filter(|r| r.client == c.id)
-                .map(|r| request_text(r))
-                .collect();
-            let (skipping, partial) = c.held_input.clone().unwrap_or_default();
-            if !replay.is_empty() || skipping || !partial.is_empty() {
-                out.push(CarriedInput {
-                    client: c.id,
-                    replay: Blob(replay.into_bytes()),
-                    skipping,
-                    partial: Blob(partial),
-                });
+    /// Number of connected clients.
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    fn has_work(&self) -> bool {
+        self.serving && self.clients.values().any(|c| !c.queue.is_empty() || c.eof)
+    }
+
+    /// Waits up to `timeout` for something to do (not at all if a command is queued), then
+    /// returns the next command to run, taking clients in turn. Negotiation and malformed
+    /// input are answered here.
+    pub fn poll(&mut self, timeout: Duration) -> Result<Polled> {
+        let mut polled = Polled::default();
+        let wait = if self.has_work() {
+            0
+        } else {
+            timeout.as_millis().min(i32::MAX as u128) as i32
+        };
+        let mut events = vec![EpollEvent::default(); 64];
+        let n = match self.epoll.wait(wait, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+            Err(e) => return Err(io("epoll_wait")(e)),
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            let set = ev.event_set();
+            if token == TOKEN_LISTENER {
+                if self.serving {
+                    self.accept_all();
+                }
+            } else if token >= TOKEN_CLIENT {
+                let id = token - TOKEN_CLIENT;
+                if set.contains(EventSet::OUT) {
+                    self.write_out(id);
+                }
+                if set.intersects(
+                    EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+                ) {
+                    self.read_in(id);
+                }
+            } else {
+                polled.woken.push(token);
             }
         }
-        MonitorSection { clients: out }
+        if self.serving {
+            polled.request = self.next_request();
+        }
+        Ok(polled)
     }
 
-    fn start_accepting(&self) {
-        let m = self.clone();
-        self.gate.thread_started();
-        std::thread::spawn(move || loop {
-            m.gate.until_readable(m.listener.as_fd(), || {});
-            match m.listener.accept() {
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
                 Ok((stream, _)) => {
-                    let id = m.next_id.fetch_add(1, Ordering::SeqCst);
-                    m.add_client(id, stream);
+                    if self.clients.len() >= self.max_clients {
+                        // Best effort: the error, then the end.
+                        let _ = set_nonblocking(stream.as_raw_fd());
+                        let msg = json!({"error": {"class": "GenericError",
+                            "desc": format!("too many monitor clients ({} allowed)", self.max_clients)}});
+                        let _ = (&stream).write_all(format!("{msg}\r\n").as_bytes());
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let Ok(mut c) = self.client(stream, false) else {
+                        continue;
+                    };
+                    c.out = line(&greeting());
+                    if self.add(id, c).is_ok() {
+                        self.write_out(id);
+                    }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => {
-                    // Out of fds, for instance: back off instead of spinning.
-                    log::error!("monitor: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // WouldBlock: done. Anything else (out of fds, say): try at the next event.
+                Err(_) => return,
             }
-        });
+        }
     }
 
-    fn add_client(&self, id: u64, stream: UnixStream) {
-        let Ok(reader) = stream.try_clone() else {
+    /// Reads a client's socket, but only once every command already read from it has run.
+    fn read_in(&mut self, id: u64) {
+        if !self.serving {
+            return;
+        }
+        let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() || !send(&stream, &greeting()) {
+        if !c.queue.is_empty() || c.eof {
             return;
         }
-        lock(&self.clients).list.push(Client {
-            id,
-            stream,
-            negotiated: false,
-            held_input: None,
-        });
-        self.spawn_reader(id, reader, None);
-    }
-
-    fn spawn_reader(&self, id: u64, reader: UnixStream, carried: Option<CarriedInput>) {
-        let m = self.clone();
-        self.gate.thread_started();
-        std::thread::spawn(move || {
-            m.serve(id, reader, carried);
-            lock(&m.clients).list.retain(|c| c.id != id);
-            m.gate.thread_ended();
-        });
-    }
-
-    fn serve(&self, id: u64, mut reader: UnixStream, carried: Option<CarriedInput>) {
-        let mut splitter = Splitter::default();
-        if let Some(c) = carried {
-            let replayed = splitter.push(&c.replay);
-            self.handle_pieces(id, replayed);
-            let (resumed, pieces) = Splitter::resume(c.skipping, &c.partial);
-            splitter = resumed;
-            self.handle_pieces(id, pieces);
-        }
         let mut buf = [0u8; 4096];
-        loop {
-            self.gate.until_readable(reader.as_fd(), || {
-                if let Some(c) = lock(&self.clients).list.iter_mut().find(|c| c.id == id) {
-                    c.held_input = Some(splitter.save());
-                }
-            });
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            let pieces = splitter.push(&buf[..n]);
-            self.handle_pieces(id, pieces);
+        match (&c.stream).read(&mut buf) {
+            Ok(0) => c.eof = true,
+            Ok(n) => {
+                let pieces = c.splitter.push(&buf[..n]);
+                c.queue.extend(pieces.into_iter().map(Queued::from));
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(_) => c.eof = true,
         }
+        self.update_interest(id);
     }
 
-    fn handle_pieces(&self, client: u64, pieces: Vec<Piece>) {
-        for piece in pieces {
-            match piece {
-                Piece::Garbage(desc) => self.reply(client, None, Err(QmpError::generic(desc))),
-                Piece::Message(text) => self.handle(client, &text),
+    /// Stops reading a client with queued commands (level-triggered epoll would wake us for
+    /// nothing); watches writability while output waits.
+    fn update_interest(&mut self, id: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let mut set = EventSet::empty();
+        if c.queue.is_empty() && !c.eof {
+            set |= EventSet::IN | EventSet::READ_HANG_UP;
+        }
+        if !c.out.is_empty() {
+            set |= EventSet::OUT;
+        }
+        c.want_out = !c.out.is_empty();
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            c.stream.as_raw_fd(),
+            EpollEvent::new(set, TOKEN_CLIENT + id),
+        );
+    }
+
+    /// The next command, from the next client in turn that has one; answers negotiation and
+    /// errors on the way, and drops clients that are done.
+    fn next_request(&mut self) -> Option<Request> {
+        let ids: Vec<u64> = self
+            .clients
+            .range(self.turn..)
+            .chain(self.clients.range(..self.turn))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            while let Some(piece) = self.clients.get_mut(&id).and_then(|c| c.queue.pop_front()) {
+                if let Some(r) = self.handle(id, piece) {
+                    self.turn = id + 1;
+                    self.update_interest(id);
+                    return Some(r);
+                }
+            }
+            if self.clients.get(&id).is_some_and(|c| c.eof) {
+                self.drop_client(id);
+            } else {
+                self.update_interest(id);
             }
         }
+        None
     }
 
-    fn handle(&self, client: u64, text: &[u8]) {
-        let value: Value = match serde_json::from_slice(text) {
+    fn handle(&mut self, client: u64, piece: Queued) -> Option<Request> {
+        let text = match piece {
+            Queued::Garbage(desc) => {
+                self.reply(client, None, Err(QmpError::generic(desc)));
+                return None;
+            }
+            Queued::Text(t) => t,
+        };
+        let value: Value = match serde_json::from_slice(&text) {
             Ok(v) => v,
             Err(e) => {
-                return self.reply(
+                self.reply(
                     client,
                     None,
                     Err(QmpError::generic(format!("JSON parse error: {e}"))),
-                )
+                );
+                return None;
             }
         };
         let (command, arguments, id) = match parse_command(value) {
             Ok(c) => c,
-            Err((e, id)) => return self.reply(client, id, Err(e)),
-        };
-        let negotiated = self.is_negotiated(client);
-        if command == "qmp_capabilities" {
-            if negotiated {
-                return self.reply(
-                    client,
-                    id,
-                    Err(QmpError {
-                        class: "CommandNotFound",
-                        desc: "Capabilities negotiation is already complete, command ignored"
-                            .into(),
-                    }),
-                );
+            Err((e, id)) => {
+                self.reply(client, id, Err(e));
+                return None;
             }
-            self.set_negotiated(client);
-            return self.reply(client, id, Ok(json!({})));
+        };
+        let negotiated = self.clients.get(&client).is_some_and(|c| c.negotiated);
+        if command == "qmp_capabilities" {
+            let r = if negotiated {
+                Err(QmpError {
+                    class: "CommandNotFound",
+                    desc: "Capabilities negotiation is already complete, command ignored".into(),
+                })
+            } else {
+                negotiate(&arguments)
+            };
+            if r.is_ok() {
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.negotiated = true;
+                }
+            }
+            self.reply(client, id, r);
+            return None;
         }
         if !negotiated {
-            return self.reply(
+            self.reply(
                 client,
                 id,
                 Err(QmpError {
@@ -603,33 +724,68 @@ impl Monitor {
                     desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
                 }),
             );
+            return None;
         }
-        let _ = self.tx.send(ControlMsg::Qmp(Request {
+        Some(Request {
             client,
             id,
             command,
             arguments,
-        }));
+        })
     }
 
-    fn is_negotiated(&self, client: u64) -> bool {
-        lock(&self.clients)
-            .list
-            .iter()
-            .any(|c| c.id == client && c.negotiated)
+    fn drop_client(&mut self, id: u64) {
+        if let Some(c) = self.clients.remove(&id) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
     }
 
-    fn set_negotiated(&self, client: u64) {
-        for c in &mut lock(&self.clients).list {
-            if c.id == client {
-                c.negotiated = true;
+    /// Writes what the socket takes now; a client whose peer is gone is dropped.
+    fn write_out(&mut self, id: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        while !c.out.is_empty() {
+            match (&c.stream).write(&c.out) {
+                Ok(0) => break,
+                Ok(n) => {
+                    c.out.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.drop_client(id);
+                    return;
+                }
             }
         }
+        if c.out.is_empty() == c.want_out {
+            self.update_interest(id);
+        }
+    }
+
+    fn queue_out(&mut self, id: u64, bytes: &[u8]) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.out.len() + bytes.len() > MAX_OUTPUT {
+            // It does not read: disconnect it rather than let it hold anyone up.
+            log::warn!("monitor: client {id} does not read its answers; disconnected");
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            self.drop_client(id);
+            return;
+        }
+        c.out.extend_from_slice(bytes);
+        self.write_out(id);
     }
 
     /// Answers a command.
     pub fn reply(
-        &self,
+        &mut self,
         client: u64,
         id: Option<Value>,
         result: std::result::Result<Value, QmpError>,
@@ -641,15 +797,18 @@ impl Monitor {
         if let Some(id) = id {
             msg["id"] = id;
         }
-        let clients = lock(&self.clients);
-        if let Some(c) = clients.list.iter().find(|c| c.id == client) {
-            send(&c.stream, &msg);
-        }
+        self.queue_out(client, &line(&msg));
     }
 
-    /// Sends an event to every negotiated client.
-    pub fn event(&self, name: &str, data: Option<Value>) {
-        let mut msg = json!({"event": name, "timestamp": timestamp()});
+    /// Sends an event to every negotiated client, timestamped now.
+    pub fn event(&mut self, name: &str, data: Option<Value>) {
+        self.event_at(name, data, now_ns());
+    }
+
+    /// Sends an event stamped with `realtime_ns` (the moment it describes, e.g. when the
+    /// last vCPU stopped).
+    pub fn event_at(&mut self, name: &str, data: Option<Value>, realtime_ns: u64) {
+        let mut msg = json!({"event": name, "timestamp": timestamp_of(realtime_ns)});
         if let Some(d) = data {
             msg["data"] = d;
         }
@@ -657,11 +816,132 @@ impl Monitor {
             "event {name} {}",
             msg.get("data").map(Value::to_string).unwrap_or_default()
         );
-        for c in &lock(&self.clients).list {
-            if c.negotiated {
-                send(&c.stream, &msg);
+        let bytes = line(&msg);
+        let ids: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.negotiated)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.queue_out(id, &bytes);
+        }
+    }
+
+    /// Writes pending output for up to `time` (before the process exits).
+    pub fn flush_for(&mut self, time: Duration) {
+        let deadline = Instant::now() + time;
+        loop {
+            let ids: Vec<u64> = self.clients.keys().copied().collect();
+            for id in ids {
+                self.write_out(id);
+            }
+            let pending: Vec<libc::pollfd> = self
+                .clients
+                .values()
+                .filter(|c| !c.out.is_empty())
+                .map(|c| libc::pollfd {
+                    fd: c.stream.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                })
+                .collect();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if pending.is_empty() || left.is_zero() {
+                return;
+            }
+            let mut fds = pending;
+            // SAFETY: a valid array of pollfds that lives for the call.
+            unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    left.as_millis().min(100) as i32,
+                )
+            };
+        }
+    }
+
+    /// Registers duplicates of the listener and client fds for the next image.
+    pub fn register_fds(
+        &self,
+        mut reg: impl FnMut(&str, FdKind, OwnedFd, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<OwnedFd> {
+            fd.try_clone_to_owned().map_err(io("dup"))
+        };
+        reg(LISTENER_FD, LISTENER_KIND, dup(self.listener.as_fd())?, b"")?;
+        for (id, c) in &self.clients {
+            let mut meta = vec![u8::from(c.negotiated)];
+            meta.extend_from_slice(&id.to_le_bytes());
+            reg(
+                &format!("monitor.client.{id}"),
+                FdKind::MONITOR,
+                dup(c.stream.as_fd())?,
+                &meta,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What the next image needs to carry on: per client, the messages read but not run
+    /// and the start of an incomplete one, and the output not yet written.
+    pub fn carry(&self) -> MonitorSection {
+        let mut out = MonitorSection::default();
+        for (id, c) in &self.clients {
+            let replay: Vec<u8> = c.queue.iter().flat_map(message_text).collect();
+            let (skipping, partial) = c.splitter.save();
+            if !replay.is_empty() || skipping || !partial.is_empty() {
+                out.clients.push(CarriedInput {
+                    client: *id,
+                    replay: Blob(replay),
+                    skipping,
+                    partial: Blob(partial),
+                });
+            }
+            if !c.out.is_empty() {
+                out.output.push(CarriedOutput {
+                    client: *id,
+                    bytes: Blob(c.out.clone()),
+                });
             }
         }
+        out
+    }
+}
+
+impl From<Piece> for Queued {
+    fn from(p: Piece) -> Queued {
+        match p {
+            Piece::Message(t) => Queued::Text(t),
+            Piece::Garbage(g) => Queued::Garbage(g),
+        }
+    }
+}
+
+fn line(v: &Value) -> Vec<u8> {
+    let mut t = v.to_string().into_bytes();
+    t.extend_from_slice(b"\r\n");
+    t
+}
+
+/// `qmp_capabilities`: this monitor offers no capability (no out-of-band execution).
+fn negotiate(args: &Map<String, Value>) -> std::result::Result<Value, QmpError> {
+    check_arguments(args, &["enable"])?;
+    match args.get("enable") {
+        None => Ok(json!({})),
+        Some(Value::Array(caps)) => match caps.first() {
+            None => Ok(json!({})),
+            Some(Value::String(c)) => Err(QmpError::generic(format!(
+                "Capability '{c}' is not available on this monitor"
+            ))),
+            Some(_) => Err(QmpError::generic(
+                "Invalid parameter type for 'enable', expected: array of strings",
+            )),
+        },
+        Some(_) => Err(QmpError::generic(
+            "Invalid parameter type for 'enable', expected: array of strings",
+        )),
     }
 }
 
@@ -685,14 +965,19 @@ mod tests {
         );
     }
 
+    /// Every input gets an answer: a bad run is one error, and what follows it on the same
+    /// line is still read.
     #[test]
-    fn splitter_reports_garbage_and_caps_size() {
+    fn splitter_answers_every_input_and_caps_size() {
         let mut s = Splitter::default();
-        let out = s.push(b"xy{}\n[1, {2}]\n{}");
-        assert_eq!(out.len(), 3, "{out:?}");
+        let out = s.push(b"xy{}\n[1, {2}] nonsense {\"execute\":\"q\"}\n");
+        assert_eq!(out.len(), 5, "{out:?}");
         assert!(matches!(out[0], Piece::Garbage(_)));
-        assert!(matches!(out[1], Piece::Garbage(_)));
-        assert_eq!(out[2], Piece::Message(b"{}".to_vec()));
+        assert_eq!(out[1], Piece::Message(b"{}".to_vec()));
+        assert_eq!(out[2], Piece::Message(b"[1, {2}]".to_vec()));
+        assert!(matches!(out[3], Piece::Garbage(_)));
+        assert_eq!(out[4], Piece::Message(br#"{"execute":"q"}"#.to_vec()));
+        assert_eq!(s.push(b"x").len(), 1);
         let mut big = b"{\"a\":\"".to_vec();
         big.extend(std::iter::repeat_n(b'x', MAX_MESSAGE + 10));
         let out = s.push(&big);
@@ -702,7 +987,7 @@ mod tests {
     }
 
     #[test]
-    fn command_shape_is_checked() {
+    fn command_shape_and_arguments_are_checked() {
         assert!(parse_command(json!({"execute": "stop", "id": 1})).is_ok());
         let (e, id) = parse_command(json!({"execute": 3, "id": "x"})).unwrap_err();
         assert_eq!(id, Some(json!("x")));
@@ -711,151 +996,21 @@ mod tests {
         assert!(parse_command(json!({"execute": "a", "arguments": []})).is_err());
         assert!(parse_command(json!({"execute": "a", "bogus": 1})).is_err());
         assert!(parse_command(json!([1])).is_err());
-    }
-}
-
-#[cfg(test)]
-mod hold_tests {
-    use super::*;
-    use std::io::{BufRead, BufReader};
-    use std::sync::mpsc::{channel, Receiver};
-    use std::time::Instant;
-
-    struct Fixture {
-        dir: std::path::PathBuf,
-        monitor: Monitor,
-        rx: Receiver<ControlMsg>,
-    }
-
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn fixture(tag: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("cpr-mon-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        let (tx, rx) = channel();
-        let monitor = Monitor::bind(&dir.join("m.sock"), tx).unwrap();
-        Fixture { dir, monitor, rx }
-    }
-
-    /// A connected, negotiated client.
-    fn client(f: &Fixture) -> (UnixStream, BufReader<UnixStream>) {
-        let s = UnixStream::connect(f.dir.join("m.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(line.contains("QMP"), "{line}");
-        (&s).write_all(br#"{"execute":"qmp_capabilities"}"#)
-            .unwrap();
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        assert!(line.contains("return"), "{line}");
-        (s, r)
-    }
-
-    fn next_command(rx: &Receiver<ControlMsg>) -> Request {
-        match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-            ControlMsg::Qmp(r) => r,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_held_monitor_reads_nothing_and_carries_what_it_had_read() {
-        let f = fixture("hold");
-        let (s, _r) = client(&f);
-        (&s).write_all(br#"{"execute":"a","id":1} {"execute":"b","#)
-            .unwrap();
-        let a = next_command(&f.rx);
-        assert_eq!((a.command.as_str(), &a.id), ("a", &Some(json!(1))));
-
-        f.monitor.hold(Duration::from_secs(60)).unwrap();
-        (&s).write_all(br#""id":2}{"execute":"c"}"#).unwrap();
-        // A connection made while held waits in the backlog; it is greeted after release.
-        let late = UnixStream::connect(f.dir.join("m.sock")).unwrap();
-        let carried = f.monitor.carry([&a]);
-        assert_eq!(carried.clients.len(), 1);
-        let c = &carried.clients[0];
+        let args = json!({"x": 1}).as_object().unwrap().clone();
         assert_eq!(
-            c.replay.as_ref(),
-            br#"{"arguments":{},"execute":"a","id":1}
-"#
+            check_arguments(&args, &[]).unwrap_err().desc,
+            "Parameter 'x' is unexpected"
         );
-        assert!(!c.skipping);
-        assert_eq!(c.partial.as_ref(), br#"{"execute":"b","#);
-        assert!(
-            f.rx.try_recv().is_err(),
-            "nothing is read while the monitor is held"
-        );
-
-        // The update failed: reading resumes where it stopped.
-        f.monitor.release();
-        let b = next_command(&f.rx);
-        assert_eq!((b.command.as_str(), b.id), ("b", Some(json!(2))));
-        assert_eq!(next_command(&f.rx).command, "c");
-        late.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(late).read_line(&mut line).unwrap();
-        assert!(line.contains("QMP"), "greeted after release: {line}");
+        assert!(check_arguments(&args, &["x"]).is_ok());
+        let oob = json!({"enable": ["oob"]}).as_object().unwrap().clone();
+        assert!(negotiate(&oob)
+            .unwrap_err()
+            .desc
+            .contains("'oob' is not available"));
+        assert!(negotiate(&Map::new()).is_ok());
+        let none = json!({"enable": []}).as_object().unwrap().clone();
+        assert!(negotiate(&none).is_ok());
     }
-
-    #[test]
-    fn carried_input_is_replayed_before_the_socket_is_read() {
-        let f = fixture("replay");
-        let (s, _r) = client(&f);
-        // Hand this client over to a second monitor, as an exec would.
-        f.monitor.hold(Duration::from_secs(60)).unwrap();
-        let mut reg = FdRegistry::new();
-        f.monitor.register_fds(&mut reg).unwrap();
-        let (tx, rx) = channel();
-        let next = Monitor::from_fds(&mut reg, tx).unwrap().unwrap();
-        (&s).write_all(br#"6}"#).unwrap();
-        assert!(rx.try_recv().is_err(), "not serving before start");
-        let id = next.clients.lock().unwrap().list[0].id;
-        next.start(Some(MonitorSection {
-            clients: vec![CarriedInput {
-                client: id,
-                replay: Blob(br#"{"execute":"x","id":5}"#.to_vec()),
-                skipping: false,
-                partial: Blob(br#"{"execute":"y","id":"#.to_vec()),
-            }],
-        }));
-        let x = next_command(&rx);
-        assert_eq!((x.command.as_str(), x.id), ("x", Some(json!(5))));
-        let y = next_command(&rx);
-        assert_eq!((y.command.as_str(), y.id), ("y", Some(json!(6))));
-    }
-
-    #[test]
-    fn a_client_that_does_not_read_is_dropped_and_cannot_block_an_update() {
-        let f = fixture("stuck");
-        let (s, _r) = client(&f);
-        let (other, mut other_r) = client(&f);
-        // Each bad line earns an error answer this client never reads, until the socket
-        // buffer is full and the monitor gives up on it.
-        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-        let junk = b"x\n".repeat(4096);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while (&s).write_all(&junk).is_ok() {
-            assert!(Instant::now() < deadline, "never disconnected");
-        }
-        f.monitor.hold(HOLD).unwrap();
-        f.monitor.release();
-        (&other).write_all(br#"{"execute":"z"}"#).unwrap();
-        assert_eq!(next_command(&f.rx).command, "z");
-        f.monitor.event("E", None);
-        let mut line = String::new();
-        other_r.read_line(&mut line).unwrap();
-        assert!(line.contains("\"E\""), "{line}");
-    }
-
-    const HOLD: Duration = Duration::from_secs(60);
 
     #[test]
     fn splitter_state_survives_save_and_resume() {
@@ -874,7 +1029,181 @@ mod hold_tests {
         let (skipping, partial) = t.save();
         assert!(skipping && partial.is_empty());
         let (mut u, _) = Splitter::resume(skipping, &partial);
-        assert!(u.push(b"yz\n").is_empty(), "the rest of the bad line");
+        assert!(u.push(b"yz\n").is_empty(), "the rest of the bad run");
         assert_eq!(u.push(b"{}"), vec![Piece::Message(b"{}".to_vec())]);
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        monitor: Monitor,
+    }
+
+    fn fixture(max_clients: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let monitor =
+            Monitor::bind(&dir.path().join("m.sock"), Access::OWNER, max_clients).unwrap();
+        Fixture { dir, monitor }
+    }
+
+    impl Fixture {
+        fn connect(&self) -> (UnixStream, BufReader<UnixStream>) {
+            let s = UnixStream::connect(self.dir.path().join("m.sock")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let r = BufReader::new(s.try_clone().unwrap());
+            (s, r)
+        }
+
+        /// Polls until `n` requests arrived (answering negotiation on the way).
+        fn requests(&mut self, n: usize) -> Vec<Request> {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut got = Vec::new();
+            while got.len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} requests",
+                    got.len()
+                );
+                got.extend(
+                    self.monitor
+                        .poll(Duration::from_millis(50))
+                        .unwrap()
+                        .request,
+                );
+            }
+            got
+        }
+
+        /// Polls until `r` has a line to read, and reads it.
+        fn line(&mut self, r: &mut BufReader<UnixStream>) -> String {
+            r.get_ref().set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut l = String::new();
+            loop {
+                match r.read_line(&mut l) {
+                    Ok(_) if l.ends_with('\n') => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+                assert!(Instant::now() < deadline, "no line");
+                self.monitor.poll(Duration::from_millis(10)).unwrap();
+            }
+            r.get_ref().set_nonblocking(false).unwrap();
+            l
+        }
+
+        fn negotiated(&mut self) -> (UnixStream, BufReader<UnixStream>) {
+            let (s, mut r) = self.connect();
+            assert!(self.line(&mut r).contains("QMP"));
+            (&s).write_all(br#"{"execute":"qmp_capabilities"}"#)
+                .unwrap();
+            assert!(self.line(&mut r).contains("return"));
+            (s, r)
+        }
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_dropped_without_delaying_another() {
+        let mut f = fixture(16);
+        let (stuck, _stuck_r) = f.negotiated();
+        let (other, mut other_r) = f.negotiated();
+        // Flood with junk lines whose error answers `stuck` never reads.
+        let junk = b"x\n".repeat(8192);
+        stuck.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while f.monitor.client_count() == 2 {
+            let _ = (&stuck).write(&junk);
+            f.monitor.poll(Duration::from_millis(1)).unwrap();
+            assert!(Instant::now() < deadline, "never disconnected");
+        }
+        (&other).write_all(br#"{"execute":"z","id":1}"#).unwrap();
+        let r = f.requests(1);
+        assert_eq!(r[0].command, "z");
+        f.monitor.reply(r[0].client, r[0].id.clone(), Ok(json!({})));
+        assert!(f.line(&mut other_r).contains("return"));
+    }
+
+    #[test]
+    fn clients_over_the_limit_get_an_error_and_the_rest_are_served() {
+        let mut f = fixture(2);
+        let (_a, _ra) = f.negotiated();
+        let (_b, _rb) = f.negotiated();
+        let (_c, mut rc) = f.connect();
+        let l = f.line(&mut rc);
+        assert!(l.contains("too many monitor clients (2 allowed)"), "{l}");
+        assert_eq!(f.monitor.client_count(), 2);
+    }
+
+    #[test]
+    fn a_flood_of_commands_stays_in_the_socket_until_the_previous_ones_ran() {
+        let mut f = fixture(4);
+        let (s, _r) = f.negotiated();
+        let many = br#"{"execute":"a"}"#.repeat(5000);
+        s.set_nonblocking(true).unwrap();
+        let _ = (&s).write(&many);
+        f.requests(1);
+        // One chunk was read (at most 4096 bytes: ~270 commands), not the flood.
+        let queued: usize = f.monitor.clients.values().map(|c| c.queue.len()).sum();
+        assert!(queued <= 4096 / 15, "read only one chunk: {queued} queued");
+        let more = f.requests(10);
+        assert!(more.iter().all(|r| r.command == "a"));
+    }
+
+    /// The state a restart carries: queued commands, a started one, unwritten output;
+    /// a second monitor built from it replays them in order before reading the socket.
+    #[test]
+    fn input_and_output_are_carried_to_the_next_monitor() {
+        let mut f = fixture(4);
+        let (s, mut r) = f.negotiated();
+        (&s).write_all(br#"{"execute":"a","id":1}{"execute":"b","id":2}{"execute":"c","#)
+            .unwrap();
+        // "a" is handed out (a cpr-save, say); "b" stays queued in the monitor.
+        let a = f.requests(1);
+        assert_eq!(a[0].command, "a");
+        f.monitor.event("CPR", None);
+        // The event is unwritten in the old monitor: pretend the socket was full.
+        let carried = {
+            let mut c = f.monitor.carry();
+            if c.output.is_empty() {
+                c.output.push(CarriedOutput {
+                    client: 1,
+                    bytes: Blob(b"{\"event\":\"X\"}\r\n".to_vec()),
+                });
+            }
+            c
+        };
+        assert_eq!(carried.clients.len(), 1);
+        let mut reg = FdRegistry::new();
+        f.monitor
+            .register_fds(|n, k, fd, m| Ok(reg.register(n, k, fd, m)?))
+            .unwrap();
+        let mut next = Monitor::from_fds(&mut reg, Some(carried), 4)
+            .unwrap()
+            .unwrap();
+        (&s).write_all(br#""id":3}"#).unwrap();
+        next.start();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(next.poll(Duration::from_millis(10)).unwrap().request);
+            assert!(Instant::now() < deadline);
+        }
+        assert_eq!(
+            got.iter()
+                .map(|r| (r.command.as_str(), r.id.clone()))
+                .collect::<Vec<_>>(),
+            [("b", Some(json!(2))), ("c", Some(json!(3)))]
+        );
+        // Carried output reaches the client from the new monitor.
+        next.flush_for(Duration::from_secs(10));
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert!(l.contains("event"), "{l}");
     }
 }

@@ -159,24 +159,28 @@ impl Passthrough {
         }
     }
 
-    /// Registers the device fds and writes its sections.
-    pub fn hand_over<W: std::io::Write>(
-        &self,
-        reg: &mut FdRegistry,
-        w: &mut cpr_snapshot::SnapshotWriter<'_, W>,
-    ) -> Result<()> {
+    /// Registers the device fds and writes its sections for the next image.
+    pub fn hand_over(&self, out: &mut cpr_update::Saver<'_>) -> Result<()> {
+        let mut reg = FdRegistry::new();
         match &self.dev {
             Dev::Legacy(d) => {
-                d.register_fds(reg).map_err(vfio)?;
-                w.write_section(0, d.state())?;
+                d.register_fds(&mut reg).map_err(vfio)?;
+                out.write(0, d.state())?;
             }
             Dev::Iommufd(d) => {
-                d.register_fds(reg).map_err(vfio)?;
-                w.write_section(0, d.state())?;
+                d.register_fds(&mut reg).map_err(vfio)?;
+                out.write(0, d.state())?;
+            }
+        }
+        let names: Vec<String> = reg.iter().map(|e| e.name().to_string()).collect();
+        for n in names {
+            if let Some(e) = reg.take(&n) {
+                let (kind, meta) = (e.kind(), e.metadata().to_vec());
+                out.register(&n, kind, e.into_fd(), &meta)?;
             }
         }
         if let Some(m) = &self.model {
-            w.write_section(
+            out.write(
                 0,
                 &ModelSection {
                     bytes: Blob(m.save()),
@@ -189,13 +193,12 @@ impl Passthrough {
     /// Rebuilds the device in the new image from handed-over fds and saved sections, and
     /// points its mappings at guest RAM as this image mapped it.
     pub fn take_over(
-        snap: &mut cpr_snapshot::Snapshot<'_>,
-        reg: &mut FdRegistry,
+        input: &mut cpr_update::Loader<'_, '_>,
         ram: &GuestRam,
     ) -> Result<Option<Self>> {
-        let legacy: Option<LegacyState> = snap.take_optional(0)?;
-        let iommufd: Option<IommufdState> = snap.take_optional(0)?;
-        let model: Option<ModelSection> = snap.take_optional(0)?;
+        let legacy: Option<LegacyState> = input.take_optional(0)?;
+        let iommufd: Option<IommufdState> = input.take_optional(0)?;
+        let model: Option<ModelSection> = input.take_optional(0)?;
         if legacy.is_none() && iommufd.is_none() {
             return Ok(None);
         }
@@ -207,6 +210,7 @@ impl Passthrough {
             None => (Box::new(RealKernel), None),
         };
         let k = kernel.as_ref();
+        let reg = input.fds();
         let dev = match (legacy, iommufd) {
             (Some(state), _) => {
                 let mut d = LegacyDevice::reclaim(reg, state).map_err(vfio)?;

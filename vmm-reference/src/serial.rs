@@ -275,7 +275,12 @@ fn io<'a>(
 impl SerialDevice {
     /// Opens the backend and creates the UART (from saved `state`, if restoring). Input is
     /// read from [`start_input`](Self::start_input) on.
-    pub fn new(cfg: &SerialConfig, state: Option<&SerialSection>, irq: EventFd) -> Result<Self> {
+    pub fn new(
+        cfg: &SerialConfig,
+        state: Option<&SerialSection>,
+        irq: EventFd,
+        access: crate::unix::Access,
+    ) -> Result<Self> {
         let backend = match cfg {
             SerialConfig::Stdout => Backend::Stdout,
             SerialConfig::Null => Backend::Null,
@@ -289,7 +294,9 @@ impl SerialDevice {
                     .map_err(io("open serial file", p))?,
             )),
             SerialConfig::Unix(p) => Backend::Unix {
-                listener: Arc::new(crate::unix::listen(p).map_err(io("bind serial socket", p))?),
+                listener: Arc::new(
+                    crate::unix::listen(p, access).map_err(io("bind serial socket", p))?,
+                ),
                 client: Arc::new(Mutex::new(None)),
             },
         };
@@ -368,25 +375,25 @@ impl SerialDevice {
     }
 
     /// Registers duplicates of the backend's fds for the next image.
-    pub fn register_fds(&self, reg: &mut FdRegistry) -> Result<()> {
+    pub fn register_fds(
+        &self,
+        mut reg: impl FnMut(&str, FdKind, OwnedFd, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<OwnedFd> {
             fd.try_clone_to_owned()
                 .map_err(|e| Error::Io(format!("dup serial fd: {e}")))
         };
-        use std::os::fd::AsFd;
         match &self.backend {
-            Backend::File(f) => {
-                reg.register("serial.file", FdKind::CONSOLE, dup(f.as_fd())?, b"")?
-            }
+            Backend::File(f) => reg("serial.file", FdKind::CONSOLE, dup(f.as_fd())?, b"")?,
             Backend::Unix { listener, client } => {
-                reg.register(
+                reg(
                     "serial.listener",
                     FdKind::CONSOLE,
                     dup(listener.as_fd())?,
                     b"",
                 )?;
                 if let Some(c) = client.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    reg.register("serial.client", FdKind::CONSOLE, dup(c.as_fd())?, b"")?;
+                    reg("serial.client", FdKind::CONSOLE, dup(c.as_fd())?, b"")?;
                 }
             }
             Backend::Stdout | Backend::Null => {}
@@ -557,6 +564,7 @@ mod tests {
             &SerialConfig::File(path.clone()),
             None,
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            crate::unix::Access::OWNER,
         )
         .unwrap();
         for b in b"hi\n" {
@@ -616,7 +624,8 @@ mod tests {
     #[test]
     fn input_waits_for_room_in_the_fifo_and_nothing_is_dropped() {
         let dir = SocketDir::new("room");
-        let dev = SerialDevice::new(&dir.config(), None, irq()).unwrap();
+        let dev =
+            SerialDevice::new(&dir.config(), None, irq(), crate::unix::Access::OWNER).unwrap();
         dev.start_input();
         let mut client = UnixStream::connect(dir.0.join("s.sock")).unwrap();
         let sent = pattern(1000); // the FIFO holds 64
@@ -629,7 +638,8 @@ mod tests {
     #[test]
     fn held_input_stays_in_the_kernel_for_the_next_device() {
         let dir = SocketDir::new("hold");
-        let old = SerialDevice::new(&dir.config(), None, irq()).unwrap();
+        let old =
+            SerialDevice::new(&dir.config(), None, irq(), crate::unix::Access::OWNER).unwrap();
         old.start_input();
         let mut client = UnixStream::connect(dir.0.join("s.sock")).unwrap();
         let sent = pattern(300);
@@ -653,7 +663,8 @@ mod tests {
             std::thread::yield_now();
         }
         let mut reg = FdRegistry::new();
-        old.register_fds(&mut reg).unwrap();
+        old.register_fds(|n, k, fd, m| Ok(reg.register(n, k, fd, m)?))
+            .unwrap();
         let new = SerialDevice::from_fds(&dir.config(), &mut reg, &state, irq()).unwrap();
         new.start_input();
         guest_reads(&new, sent.len(), &mut got);

@@ -4,198 +4,20 @@
 //! End-to-end tests of the real `vmm-reference` binary against `/dev/kvm`, through its QMP
 //! monitor and serial output. Each test skips, saying so, when /dev/kvm is absent.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::json;
 use vmm_reference::demo::{
-    check_continuity, check_serial, spawn, spawn_transfer_target, status, wait_exit, wait_progress,
-    Status, Vm,
+    check_continuity, spawn_transfer_target, status, wait_exit, wait_progress, Status, Vm,
 };
 use vmm_reference::qmp_client::{ClientError, QmpClient};
 
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vmm-reference"))
-}
-
-fn have_kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        vmm_reference::demo::skipped("/dev/kvm is not available on this machine");
-    }
-    ok
-}
-
-/// A per-test directory (removed at the end) and a /dev/shm path (removed too).
-struct Dir {
-    path: PathBuf,
-    shm: PathBuf,
-}
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let path = std::env::temp_dir().join(format!("cpr-e2e-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Dir {
-            path,
-            shm: PathBuf::from(format!("/dev/shm/cpr-e2e-{tag}-{}", std::process::id())),
-        }
-    }
-    fn p(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.p(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.shm);
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-fn args(dir: &Dir, memory: &str, vcpus: u32) -> Vec<String> {
-    [
-        "--memory",
-        memory,
-        "--memory-size",
-        "64M",
-        "--vcpus",
-        &vcpus.to_string(),
-        "--serial",
-        &format!("file:{}", dir.s("serial.log")),
-        "--monitor",
-        &dir.s("qmp.sock"),
-        "--log-level",
-        "debug",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn start(dir: &Dir, args: &[String], log: &str) -> Vm {
-    spawn(&exe(), args, &dir.p("qmp.sock"), &dir.p(log)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Skips (saying so) without /dev/kvm; otherwise starts a VMM with `memory` and `vcpus` and
-/// waits until the guest printed `lines` lines.
-fn boot(tag: &str, memory: &str, vcpus: u32, lines: u64) -> Option<(Dir, Vm, Status)> {
-    let (dir, _, vm, before) = boot_with(tag, |_| memory.to_string(), vcpus, lines)?;
-    Some((dir, vm, before))
-}
-
-/// [`boot`] on the test's `/dev/shm` file, as a reboot needs; also returns the command line,
-/// for the next VMM.
-fn boot_on_shm(tag: &str, vcpus: u32, lines: u64) -> Option<(Dir, Vec<String>, Vm, Status)> {
-    boot_with(
-        tag,
-        |dir| format!("shm:{}", dir.shm.display()),
-        vcpus,
-        lines,
-    )
-}
-
-fn boot_with(
-    tag: &str,
-    memory: impl FnOnce(&Dir) -> String,
-    vcpus: u32,
-    lines: u64,
-) -> Option<(Dir, Vec<String>, Vm, Status)> {
-    if !have_kvm() {
-        return None;
-    }
-    let dir = Dir::new(tag);
-    let base = args(&dir, &memory(&dir), vcpus);
-    let mut vm = start(&dir, &base, "vmm-1.log");
-    let before = wait_progress(&mut vm.qmp, &boot_status(vcpus as usize), lines).unwrap();
-    Some((dir, base, vm, before))
-}
-
-/// `cpr-save` for a reboot into the test's `vm.state`; the VMM must then exit 0. Returns
-/// the answer.
-fn save_for_reboot(dir: &Dir, vm: &mut Vm) -> serde_json::Value {
-    let r = vm
-        .qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "reboot", "path": dir.p("vm.state")}),
-        )
-        .unwrap();
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0,
-        "the VMM exits after saving for a reboot"
-    );
-    r
-}
-
 fn boot_status(vcpus: usize) -> Status {
     Status::boot(vcpus)
-}
-
-fn quit(mut vm: Vm) {
-    vm.qmp.execute("quit", json!({})).unwrap();
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0
-    );
-}
-
-fn serial_lines(dir: &Dir) -> u64 {
-    check_serial(&std::fs::read_to_string(dir.p("serial.log")).unwrap())
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Checks the serial log is continuous and holds what the guest printed by `status`. The
-/// guest counts a line before it prints it, so the last one may be incomplete when the VM is
-/// stopped.
-fn assert_serial_covers(dir: &Dir, status: &Status) {
-    let complete = serial_lines(dir);
-    assert!(
-        complete + 1 >= status.lines,
-        "{complete} complete serial lines, guest printed {}",
-        status.lines
-    );
-}
-
-/// `/proc/PID/fd` targets of the VMM's own fds, with inode numbers of sockets and anonymous
-/// inodes folded, so two images of one VMM can be compared. Stdio, and fds without
-/// close-on-exec (inherited from whoever started the VMM, e.g. cargo's jobserver pipe, which
-/// a restart rightly does not carry over), are left out.
-fn fd_kinds(pid: u64) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let e = e.unwrap();
-        let fd: u32 = e.file_name().to_string_lossy().parse().unwrap();
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            .unwrap_or(0);
-        if fd <= 2 || flags & libc::O_CLOEXEC as u32 == 0 {
-            continue;
-        }
-        let Ok(t) = std::fs::read_link(e.path()) else {
-            continue;
-        };
-        let t = t.to_string_lossy().into_owned();
-        let kind = match t.split_once(":[") {
-            Some((k, _)) => k.to_string(),
-            None => t,
-        };
-        *m.entry(kind).or_default() += 1;
-    }
-    m
 }
 
 #[test]
@@ -284,23 +106,30 @@ fn cpr_save_with_commands_in_flight(
 
 #[test]
 fn commands_sent_during_a_restart_are_answered_in_order() {
-    let Some((dir, mut vm, before)) = boot("in-flight", "memfd", 1, 1) else {
+    // The first restart fails after the pause (the fault hook), the second succeeds.
+    let Some((dir, _, mut vm, before)) = boot_with(
+        "in-flight",
+        |_| "memfd".into(),
+        1,
+        1,
+        &[("CPR_UPDATE_FAULT", "restart.old.before-exec:fail")],
+    ) else {
         return;
     };
+    // The restart fails: the old image answers them itself, in order.
+    let save = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
+    assert!(
+        save["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("resumed in this process"),
+        "{save}"
+    );
     // Read and queued by the old image before it stopped: replayed by the new one.
     let save = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
     assert_eq!(save["return"]["mode"], "restart", "{save}");
     let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
     assert_eq!(info["last-update"]["mode"], "restart", "{info}");
-    // The restart fails: the old image answers them itself, still in order.
-    let save = cpr_save_with_commands_in_flight(
-        &mut vm.qmp,
-        json!({"mode": "restart", "binary": "/nonexistent/vmm"}),
-    );
-    assert!(
-        save["error"]["desc"].as_str().unwrap().contains("resumed"),
-        "{save}"
-    );
     let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
     check_continuity(&before, &after).unwrap();
     quit(vm);
@@ -309,27 +138,26 @@ fn commands_sent_during_a_restart_are_answered_in_order() {
 
 #[test]
 fn failed_exec_leaves_the_guest_running_in_the_old_process() {
-    let Some((dir, mut vm, before)) = boot("badexec", "memfd", 1, 1) else {
+    let Some((dir, _, mut vm, before)) = boot_with(
+        "badexec",
+        |_| "memfd".into(),
+        1,
+        1,
+        &[("CPR_UPDATE_FAULT", "restart.old.before-exec:fail")],
+    ) else {
         return;
     };
     let fds_before = fd_kinds(before.pid);
     let err = vm
         .qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "restart", "binary": "/nonexistent/vmm"}),
-        )
+        .execute("cpr-save", json!({"mode": "restart"}))
         .unwrap_err();
-    match err {
-        ClientError::Qmp { class, desc } => {
-            assert_eq!(class, "GenericError");
-            assert!(
-                desc.contains("resumed") && desc.contains("/nonexistent/vmm"),
-                "{desc}"
-            );
-        }
-        other => panic!("{other}"),
-    }
+    let (class, desc) = qmp_error(err);
+    assert_eq!(class, "GenericError");
+    assert!(
+        desc.contains("resumed in this process") && desc.contains("restart.old.before-exec"),
+        "{desc}"
+    );
     let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
     check_continuity(&before, &after).unwrap();
     assert_eq!(after.pid, before.pid);
@@ -348,15 +176,13 @@ fn reboot_restores_in_a_new_process_and_hides_the_downtime() {
         return;
     };
     let t0 = Instant::now();
-    let r = save_for_reboot(&dir, &mut vm);
+    let r = save_for_reboot(&mut vm);
     assert!(r["warnings"][0].as_str().unwrap().contains("kexec"), "{r}");
     let frozen = status_from_file_check(&dir);
     // A deliberate outage: the guest must not see it.
     let gap = Duration::from_secs(2);
     std::thread::sleep(gap);
-    let mut with_incoming = base.clone();
-    with_incoming.extend(["--incoming".into(), dir.s("vm.state")]);
-    let mut vm = start(&dir, &with_incoming, "vmm-2.log");
+    let mut vm = start(&dir, &incoming(&dir, &base), "vmm-2.log");
     let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
     assert_eq!(info["last-update"]["mode"], "reboot");
     assert!(info["last-update"]["blackout-us"].as_u64().unwrap() >= gap.as_micros() as u64);
@@ -412,7 +238,7 @@ fn corrupt_or_truncated_state_is_refused_and_memory_left_untouched() {
     let Some((dir, base, mut vm, _)) = boot_on_shm("corrupt", 1, 1) else {
         return;
     };
-    save_for_reboot(&dir, &mut vm);
+    save_for_reboot(&mut vm);
     let good = std::fs::read(dir.p("vm.state")).unwrap();
     let memory_before = std::fs::read(&dir.shm).unwrap();
 
@@ -442,9 +268,7 @@ fn corrupt_or_truncated_state_is_refused_and_memory_left_untouched() {
         );
     }
     // The intact file still restores the guest afterwards.
-    let mut a = base.clone();
-    a.extend(["--incoming".into(), dir.s("vm.state")]);
-    let vm = start(&dir, &a, "vmm-2.log");
+    let vm = start(&dir, &incoming(&dir, &base), "vmm-2.log");
     let mut vm = vm;
     let s = status(&mut vm.qmp).unwrap();
     wait_progress(&mut vm.qmp, &s, 1).unwrap();
@@ -462,7 +286,7 @@ fn anonymous_memory_refuses_every_update_and_keeps_running() {
     }
     for args in [
         json!({"mode": "restart"}),
-        json!({"mode": "reboot", "path": dir.p("st")}),
+        json!({"mode": "reboot", "path": "st"}),
     ] {
         match vm.qmp.execute("cpr-save", args).unwrap_err() {
             ClientError::Qmp { desc, .. } => assert!(desc.contains("volatile"), "{desc}"),
@@ -492,12 +316,18 @@ fn malformed_monitor_input_gets_qmp_errors_and_the_vm_keeps_running() {
     assert_eq!(raw.read_message().unwrap()["return"], json!({}));
     for (input, class, words) in [
         (&b"{\"execute\": \"query-status\" garbage}\n"[..], "GenericError", "JSON parse error"),
-        (b"[1, 2]\n", "GenericError", "JSON parse error"),
+        (b"[1, 2]\n", "GenericError", "must be a JSON object"),
         (b"{\"execute\": \"no-such-command\", \"id\": 7}\n", "CommandNotFound", "no-such-command"),
         (b"{\"execute\": \"cpr-save\", \"arguments\": {\"mode\": \"sideways\"}}\n", "GenericError", "unknown mode"),
         (b"{\"execute\": \"cpr-save\", \"arguments\": {\"mode\": 5}}\n", "GenericError", "expects a string"),
         (b"{\"execute\": \"cpr-save\", \"arguments\": {\"mode\": \"reboot\", \"path\": \"/tmp/x\"}}\n", "GenericError", "memfd"),
         (b"{\"execute\": \"cpr-save\", \"arguments\": {\"mode\": \"restart\", \"bogus\": 1}}\n", "GenericError", "bogus"),
+        (b"{\"execute\": \"query-status\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
+        (b"{\"execute\": \"stop\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
+        (b"{\"execute\": \"cont\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
+        (b"{\"execute\": \"cpr-info\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
+        (b"{\"execute\": \"query-commands\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
+        (b"{\"execute\": \"cpr-save\", \"arguments\": {\"mode\": \"restart\", \"path\": \"x\"}}\n", "GenericError", "not for mode restart"),
         (b"{\"execute\": \"cpr-load\", \"arguments\": {\"path\": \"/tmp/x\"}}\n", "GenericError", "--incoming defer"),
         (b"{\"execute\": \"stop\", \"arguments\": 3}\n", "GenericError", "arguments"),
         (b"{\"no-execute\": 1}\n", "GenericError", "execute"),
@@ -538,7 +368,7 @@ fn deferred_incoming_waits_for_cpr_load() {
     let Some((dir, base, mut vm, before)) = boot_on_shm("defer", 1, 1) else {
         return;
     };
-    save_for_reboot(&dir, &mut vm);
+    save_for_reboot(&mut vm);
     let mut a = base.clone();
     a.extend(["--incoming".into(), "defer".into()]);
     let mut vm = start(&dir, &a, "vmm-2.log");
@@ -549,11 +379,29 @@ fn deferred_incoming_waits_for_cpr_load() {
     assert!(vm.qmp.execute("x-demo-status", json!({})).is_err());
     let e = vm
         .qmp
-        .execute("cpr-load", json!({"path": dir.p("missing")}))
+        .execute("cpr-load", json!({"path": "missing"}))
         .unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
+    // Only the state directory: not /etc/shadow, whose bytes never appear in an answer.
+    let e = vm
+        .qmp
+        .execute("cpr-load", json!({"path": "/etc/shadow"}))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not a file in the state directory"),
+        "{e}"
+    );
+    std::fs::write(dir.p("secret"), b"SECRET:x:1:2:3::\n").unwrap();
+    let e = vm
+        .qmp
+        .execute("cpr-load", json!({"path": "secret"}))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("bad magic") && !e.to_string().contains("SECRET"),
+        "{e}"
+    );
     vm.qmp
-        .execute("cpr-load", json!({"path": dir.p("vm.state")}))
+        .execute("cpr-load", json!({"path": "vm.state"}))
         .unwrap();
     assert_eq!(
         vm.qmp.execute("query-status", json!({})).unwrap()["status"],
@@ -609,7 +457,12 @@ fn vfio_device_follows_a_restart_without_reset() {
         ),
     ] {
         let dir = Dir::new(tag);
-        let mut vm = start(&dir, &vfio_args(&dir, "memfd", extra), "vmm.log");
+        let mut vm = start_env(
+            &dir,
+            &vfio_args(&dir, "memfd", extra),
+            &[("CPR_UPDATE_FAULT", "restart.old.before-exec:fail")],
+            "vmm.log",
+        );
         let before = wait_progress(&mut vm.qmp, &boot_status(1), 1).unwrap();
         let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
         assert!(info["vfio"]["restart"].is_null(), "{tag}: {info}");
@@ -623,10 +476,7 @@ fn vfio_device_follows_a_restart_without_reset() {
         // A failed exec gives the old host addresses back.
         assert!(vm
             .qmp
-            .execute(
-                "cpr-save",
-                json!({"mode": "restart", "binary": "/nonexistent"})
-            )
+            .execute("cpr-save", json!({"mode": "restart"}))
             .is_err());
         let s = vm.qmp.execute("x-vfio-status", json!({})).unwrap();
         assert_eq!(
@@ -649,7 +499,7 @@ fn vfio_device_follows_a_restart_without_reset() {
         // Reboot would close the device: refused, guest running.
         let e = vm
             .qmp
-            .execute("cpr-save", json!({"mode": "reboot", "path": dir.p("st")}))
+            .execute("cpr-save", json!({"mode": "reboot", "path": "st"}))
             .unwrap_err();
         assert!(
             e.to_string().contains("VFIO") || e.to_string().contains("memfd"),
@@ -815,22 +665,28 @@ fn failed_transfers_leave_the_guest_in_the_old_process() {
     // A peer that takes everything, then refuses to restore.
     let listener = std::os::unix::net::UnixListener::bind(dir.p("peer.sock")).unwrap();
     let peer = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let (mut s, _) = listener.accept().unwrap();
-        let blob = |s: &mut std::os::unix::net::UnixStream| {
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).unwrap();
-            let mut b = vec![0u8; u32::from_le_bytes(len) as usize];
-            s.read_exact(&mut b).unwrap();
+        use cpr_update::protocol::{Channel, Hello, Message, Role, PROTOCOL_VERSION};
+        let (s, _) = listener.accept().unwrap();
+        let t = Duration::from_secs(60);
+        let mut ch = Channel::new(s, Role::New, 64 << 20);
+        let Message::Hello(h) = ch.recv("HELLO", t).unwrap() else {
+            unreachable!()
         };
-        let mem = cpr_fd::FdRegistry::receive(&s).unwrap();
-        assert!(mem.get("guest-ram.0").is_some());
-        blob(&mut s);
-        s.write_all(b"R").unwrap();
-        let rest = cpr_fd::FdRegistry::receive(&s).unwrap();
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::New,
+            pid: std::process::id(),
+            build: h.build,
+        };
+        ch.send(&Message::Hello(hello), t).unwrap();
+        ch.recv("MEMORY", t).unwrap();
+        let mem = ch.recv_fds(t).unwrap();
+        assert!(mem.get("guest-ram").is_some());
+        ch.send(&Message::Ready, t).unwrap();
+        ch.recv("STATE", t).unwrap();
+        let rest = ch.recv_fds(t).unwrap();
         assert!(rest.get("monitor.listener").is_some());
-        blob(&mut s);
-        s.write_all(b"Eno thanks").unwrap();
+        assert!(ch.abort("no thanks"));
     });
     let e = vm
         .qmp
@@ -953,4 +809,92 @@ fn serial_socket_client_keeps_reading_across_restart() {
         "gap or repeat across restart: {text}"
     );
     quit(vm);
+}
+
+/// An update of a paused guest, in every mode: it stays paused in the new image, and `cont`
+/// runs it. (It used to stay frozen for good: no vCPU thread was started.)
+#[test]
+fn a_paused_guest_stays_paused_across_every_update_and_cont_runs_it() {
+    let Some((dir, base, mut vm, before)) = boot_on_shm("paused", 2, 1) else {
+        return;
+    };
+    vm.qmp.execute("stop", json!({})).unwrap();
+    let before = status(&mut vm.qmp).unwrap_or(before);
+    // Restart.
+    let r = vm
+        .qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap();
+    assert_eq!(
+        (r["was-running"].clone(), r["blackout-us"].clone()),
+        (json!(false), json!(null)),
+        "{r}"
+    );
+    let before = assert_paused_then_runs(&mut vm, &before);
+    // Transfer (the new process is given the same memory).
+    vm.qmp.execute("stop", json!({})).unwrap();
+    let before = status(&mut vm.qmp).unwrap_or(before);
+    let mut new_child = vmm_reference::demo::spawn_transfer_target_with(
+        &exe(),
+        &dir.p("xfer.sock"),
+        &["--memory", &dir.shm_arg(), "--state-dir", &dir.s("")],
+        &[],
+        &dir.p("new.log"),
+    )
+    .unwrap();
+    let r = vm
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
+        )
+        .unwrap();
+    assert_eq!(r["was-running"], false, "{r}");
+    assert_eq!(
+        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
+        0
+    );
+    std::mem::swap(&mut vm.child, &mut new_child);
+    let before = assert_paused_then_runs(&mut vm, &before);
+    // Reboot.
+    vm.qmp.execute("stop", json!({})).unwrap();
+    let before = status(&mut vm.qmp).unwrap_or(before);
+    save_for_reboot(&mut vm);
+    let mut vm = start(&dir, &incoming(&dir, &base), "vmm-2.log");
+    let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
+    assert_eq!(info["last-update"]["was-running"], false, "{info}");
+    let after = assert_paused_then_runs(&mut vm, &before);
+    // And it can still be stopped and updated again.
+    vm.qmp.execute("stop", json!({})).unwrap();
+    vm.qmp.execute("cont", json!({})).unwrap();
+    wait_progress(&mut vm.qmp, &after, 1).unwrap();
+    quit(vm);
+}
+
+/// `quit` stops the vCPUs before the VM goes: no "triple fault", nothing logged as an error.
+#[test]
+fn quit_of_a_running_guest_is_clean() {
+    let Some((dir, vm, _)) = boot("quit", "memfd", 2, 2) else {
+        return;
+    };
+    quit(vm);
+    let log = dir.log("vmm-1.log");
+    assert!(
+        !log.contains("triple fault") && !log.contains(" ERROR "),
+        "the log after quit:\n{log}"
+    );
+}
+
+/// `--cpr-state-versions` says what this build reads and writes, as JSON.
+#[test]
+fn the_binary_tells_which_state_versions_it_reads() {
+    let out = std::process::Command::new(exe())
+        .arg("--cpr-state-versions")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let b = cpr_update::BuildInfo::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(b.app, "vmm-reference");
+    assert_eq!(b.reads, 2..=2);
+    assert!(b.has_feature("fallback"));
 }

@@ -29,3 +29,23 @@ pub use capture::{
 pub use error::{Error, Result};
 pub use run::{complete_pending_io, monotonic_ns};
 pub use state::{CpuidEntry, FpuState, VcpuState, VmState};
+
+/// The versioned types this crate saves (sections and the types inside them), for an
+/// application's [`SchemaBuilder::types`](cpr_snapshot::SchemaBuilder::types).
+pub fn section_types() -> Vec<cpr_snapshot::TypeEntry> {
+    use cpr_snapshot::TypeEntry;
+    vec![
+        TypeEntry::section::<VmState>(),
+        TypeEntry::section::<VcpuState>(),
+        TypeEntry::nested::<CpuidEntry>(),
+        TypeEntry::nested::<FpuState>(),
+    ]
+}
+
+/// How this crate's types changed, release by release.
+pub const HISTORY: &[cpr_snapshot::TypeHistory] = &[cpr_snapshot::TypeHistory {
+    name: "kvm-vm, kvm-vcpu",
+    version: 1,
+    crate_version: "0.1.0",
+    change: "first version",
+}];

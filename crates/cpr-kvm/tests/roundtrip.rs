@@ -123,9 +123,10 @@ fn run(vcpu: &mut VcpuFd, out: &mut Run, stop_at: Option<u16>) {
 
 fn schema() -> Schema {
     Schema::builder()
-        .section::<VcpuState>()
-        .section::<VmState>()
-        .section::<MemoryLayout>()
+        .types(cpr_kvm::section_types())
+        .types(cpr_memory::section_types())
+        .next_version()
+        .type_version::<MemoryLayout>(2)
         .build()
         .unwrap()
 }

@@ -40,8 +40,10 @@ pub enum Error {
         /// What was being read.
         what: &'static str,
     },
-    /// The input does not start with the snapshot magic.
-    #[error("not a cpr snapshot: bad magic {found:02x?} at offset 0")]
+    /// The input does not start with the snapshot magic. The message does not show the
+    /// bytes found (the input may be any file); the field has them for a caller that wants
+    /// them.
+    #[error("not a cpr snapshot: bad magic at offset 0")]
     BadMagic {
         /// The bytes found instead.
         found: [u8; 8],

@@ -532,3 +532,18 @@ fn writer_refuses_sections_the_target_version_lacks() {
     let mut snap = Snapshot::read_from(bytes.as_slice(), &schema).unwrap();
     assert_eq!(snap.take::<Added>(0).unwrap(), Added { x: 7 });
 }
+
+/// An error never shows the bytes of what it was given: a file that is not a snapshot may
+/// be anything (a password file, say).
+#[test]
+fn errors_do_not_echo_the_input() {
+    let secret = b"SECRET:x:1:2:3::\n";
+    let e = read_v3(secret).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("bad magic"), "{text}");
+    assert!(
+        !text.contains("SECRET") && !text.contains("53, 45"),
+        "{text}"
+    );
+    assert!(!text.contains("0x53"), "{text}");
+}

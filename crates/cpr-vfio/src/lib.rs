@@ -42,6 +42,30 @@ pub use kernel::{IommufdFds, LegacyFds, VfioKernel};
 pub use legacy::{Backing, DmaMapping, LegacyDevice, LegacyState};
 pub use sys::RealKernel;
 
+/// The versioned types this crate saves (sections and the types inside them), for an
+/// application's [`SchemaBuilder::types`](cpr_snapshot::SchemaBuilder::types).
+pub fn section_types() -> Vec<cpr_snapshot::TypeEntry> {
+    use cpr_snapshot::TypeEntry;
+    vec![
+        TypeEntry::section::<LegacyState>(),
+        TypeEntry::section::<IommufdState>(),
+        TypeEntry::section::<VfioDeviceState>(),
+        TypeEntry::nested::<DmaMapping>(),
+        TypeEntry::nested::<Backing>(),
+        TypeEntry::nested::<IoasMapping>(),
+        TypeEntry::nested::<MsixEntry>(),
+        TypeEntry::nested::<VectorRoute>(),
+    ]
+}
+
+/// How this crate's types changed, release by release.
+pub const HISTORY: &[cpr_snapshot::TypeHistory] = &[cpr_snapshot::TypeHistory {
+    name: "vfio-container, vfio-iommufd, vfio-device",
+    version: 1,
+    crate_version: "0.1.0",
+    change: "first version",
+}];
+
 /// Which VFIO path a device uses and whether an update can take it along.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpdateSupport {
