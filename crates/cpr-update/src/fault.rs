@@ -19,7 +19,8 @@
 //! | `transfer.old.before-commit` | `RESTORED` received, `COMMIT` is next |
 //! | `transfer.new.before-commit` | `RESTORED` sent, `COMMIT` awaited |
 //! | `transfer.old.after-commit` | `COMMIT` sent |
-//! | `transfer.new.after-commit` | `COMMIT` received, the vCPUs are not running yet |
+//! | `transfer.new.commit-received` | `COMMIT` received, the guest not yet marked as this process's ([`Updatable::commit`](crate::Updatable::commit)) |
+//! | `transfer.new.after-commit` | the commit hook ran (the guest is this process's), the vCPUs are not running yet |
 //! | `reboot.old.before-rename` | the state file is written under its temporary name |
 //! | `reboot.new.restore` | the new process restores the state file |
 

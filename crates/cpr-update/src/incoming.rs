@@ -110,14 +110,19 @@ fn load<V: Updatable + ?Sized>(
 }
 
 /// Owns the guest from here: `commit`, then `resume` if it ran; measures the blackout.
+/// `fault` is the fault point right after the commit hook.
 fn run<V: Updatable + ?Sized>(
     vmm: &mut V,
     loaded: &Loaded,
     marks: &mut Marks,
     opts: &Incoming,
+    fault: Option<&'static str>,
 ) -> Result<Report> {
     vmm.commit().map_err(hook(Step::Commit))?;
     marks.mark("committed");
+    if let Some(point) = fault {
+        let _ = fault::hit(point);
+    }
     let info = &loaded.info;
     let mut blackout = None;
     if info.was_running {
@@ -217,7 +222,7 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
         Ok(loaded) => {
             drop(backup);
             drop(previous);
-            let report = run(vmm, &loaded, &mut marks, opts)?;
+            let report = run(vmm, &loaded, &mut marks, opts, None)?;
             Ok(Resumed {
                 report,
                 ids: loaded.info.ids,
@@ -301,7 +306,7 @@ pub fn restore_saved<V: Updatable + ?Sized>(
             return Err(e);
         }
     };
-    let report = run(vmm, &loaded, &mut marks, opts)?;
+    let report = run(vmm, &loaded, &mut marks, opts, None)?;
     Ok(Resumed {
         report,
         ids: loaded.info.ids,
@@ -445,9 +450,15 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
     if !took_over {
         vmm.progress(Progress::Committed);
     }
-    marks.mark("committed-by-peer");
-    let _ = fault::hit("transfer.new.after-commit");
-    let report = run(vmm, &loaded, &mut marks, opts)?;
+    marks.mark("commit-received");
+    let _ = fault::hit("transfer.new.commit-received");
+    let report = run(
+        vmm,
+        &loaded,
+        &mut marks,
+        opts,
+        Some("transfer.new.after-commit"),
+    )?;
     let _ = ch.send(&Message::Started, t.write);
     Ok(Resumed {
         report,
