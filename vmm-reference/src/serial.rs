@@ -93,6 +93,18 @@ pub struct SerialSection {
     pub scratch: u8,
     /// Bytes received but not yet read by the guest.
     pub in_buffer: Blob,
+    /// Lines the guest has printed (the `next` build's new field, type version 2; an older
+    /// state gives 0).
+    #[cfg(feature = "next")]
+    #[version(start = 2, default_fn = "no_lines")]
+    pub lines_out: u64,
+}
+
+#[cfg(feature = "next")]
+impl SerialSection {
+    fn no_lines(_: u16) -> u64 {
+        0
+    }
 }
 
 impl Section for SerialSection {
@@ -112,6 +124,8 @@ impl From<&SerialState> for SerialSection {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: Blob(s.in_buffer.clone()),
+            #[cfg(feature = "next")]
+            lines_out: 0,
         }
     }
 }
@@ -157,8 +171,17 @@ pub enum SerialOut {
     Null,
 }
 
+/// Lines the guest printed (counted by the `next` build).
+#[cfg(feature = "next")]
+pub static LINES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        #[cfg(feature = "next")]
+        LINES_OUT.fetch_add(
+            buf.iter().filter(|&&b| b == b'\n').count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         match self {
             SerialOut::Stdout => std::io::stdout().write(buf),
             SerialOut::File(f) => (&**f).write(buf),
@@ -321,6 +344,10 @@ impl SerialDevice {
             EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(format!("serial eventfd: {e}")))?,
         );
         let events = InputRoom(room.clone());
+        #[cfg(feature = "next")]
+        if let Some(s) = state {
+            LINES_OUT.store(s.lines_out, std::sync::atomic::Ordering::Relaxed);
+        }
         let uart = match state {
             Some(s) => Serial::from_state(&SerialState::from(s), trigger, events, out)
                 .map_err(|e| Error::State(format!("serial state: {e:?}")))?,
@@ -403,7 +430,14 @@ impl SerialDevice {
 
     /// Saved register state.
     pub fn state(&self) -> SerialSection {
-        SerialSection::from(&self.uart.lock().unwrap_or_else(|p| p.into_inner()).state())
+        #[allow(unused_mut)]
+        let mut s =
+            SerialSection::from(&self.uart.lock().unwrap_or_else(|p| p.into_inner()).state());
+        #[cfg(feature = "next")]
+        {
+            s.lines_out = LINES_OUT.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        s
     }
 
     /// Puts a terminal back into the mode it had (before exec or exit); the next image or

@@ -536,7 +536,8 @@ impl Vmm {
 /// A failure as the operator reads it: what went wrong and where the guest is now.
 fn describe(f: &Failure) -> String {
     let guest = match &f.guest {
-        Guest::Running => "the guest resumed in this process".to_string(),
+        Guest::Running if f.stopped => "the guest resumed in this process".to_string(),
+        Guest::Running => "the guest was not stopped and runs on in this process".to_string(),
         Guest::Paused => "the guest stays paused in this process".to_string(),
         Guest::NotResumed(e) => {
             format!("the guest is paused in this process and did not resume: {e}")

@@ -468,7 +468,13 @@ impl Vmm {
         let m = self.machine()?;
         let s =
             DemoStatus::read(m.ram.memory()).ok_or_else(|| q("the guest is not the demo guest"))?;
+        #[cfg(feature = "next")]
+        let serial_lines: Option<u64> =
+            Some(crate::serial::LINES_OUT.load(std::sync::atomic::Ordering::Relaxed));
+        #[cfg(not(feature = "next"))]
+        let serial_lines: Option<u64> = None;
         Ok(json!({
+            "serial-lines-out": serial_lines,
             "counter": s.counter, "generation": s.generation, "lines": s.lines,
             "errors": s.errors, "bad-words": s.bad_words, "faults": s.faults,
             "checksum": s.checksum, "tsc": s.tsc, "tsc-khz": m.tsc_khz(),

@@ -209,12 +209,21 @@ pub struct Failure {
     pub error: Error,
     /// Where the guest is.
     pub guest: Guest,
+    /// Whether the update had stopped the guest (and so resumed it), or failed before.
+    pub stopped: bool,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.guest {
-            Guest::Running => write!(f, "{}; the guest runs on in this process", self.error),
+            Guest::Running if self.stopped => {
+                write!(f, "{}; the guest resumed in this process", self.error)
+            }
+            Guest::Running => write!(
+                f,
+                "{}; the guest was not stopped and runs on in this process",
+                self.error
+            ),
             Guest::Paused => write!(f, "{}; the guest stays paused in this process", self.error),
             Guest::NotResumed(e) => write!(
                 f,

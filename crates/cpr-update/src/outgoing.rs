@@ -161,7 +161,11 @@ fn untouched<V: Updatable + ?Sized>(vmm: &mut V, error: Error) -> Failure {
         error: &error,
         guest: &guest,
     });
-    Failure { error, guest }
+    Failure {
+        error,
+        guest,
+        stopped: false,
+    }
 }
 
 struct Stopped {
@@ -223,7 +227,11 @@ impl Ctx<'_> {
             error: &error,
             guest: &guest,
         });
-        Failure { error, guest }
+        Failure {
+            error,
+            guest,
+            stopped: true,
+        }
     }
 
     fn writer(&self, version: u16) -> Result<SnapshotWriter<'_, Vec<u8>>> {

@@ -103,7 +103,7 @@ pub fn section_types() -> Vec<TypeEntry> {
 pub const HISTORY: &[TypeHistory] = &[TypeHistory {
     name: "cpr-update",
     version: 1,
-    crate_version: "0.1.0",
+    crate_version: "0.2.0",
     change: "mode, stop time (monotonic, real time, boot id), VM and state ids, generation",
 }];
 
