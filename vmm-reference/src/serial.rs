@@ -147,6 +147,18 @@ impl From<&SerialSection> for SerialState {
     }
 }
 
+/// Checks saved UART state before it is used: the receive FIFO within its capacity.
+pub fn check_state(s: &SerialSection) -> Result<()> {
+    // vm-superio's receive FIFO holds 64 bytes.
+    if s.in_buffer.len() > 64 {
+        return Err(Error::State(format!(
+            "serial state has {} bytes in a 64-byte FIFO",
+            s.in_buffer.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Raises COM1's interrupt through an irqfd.
 #[derive(Debug)]
 pub struct IrqTrigger(pub EventFd);

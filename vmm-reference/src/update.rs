@@ -181,6 +181,150 @@ fn serial_string(cfg: &SerialConfig) -> String {
     }
 }
 
+/// What the command line and a state agree a restored machine is.
+#[derive(Debug)]
+pub struct Plan {
+    /// The memory backend (the command line's).
+    pub backend: MemoryConfig,
+    /// Guest RAM size.
+    pub size: u64,
+    /// Huge pages of a memfd backend.
+    pub huge: Option<cpr_memory::HugePageSize>,
+    /// vCPUs.
+    pub vcpus: usize,
+}
+
+/// Checks a state's configuration and memory layout against the command line before
+/// anything is opened: the memory backend, its size, the vCPU count, and the exact memory
+/// map the command line gives, with a stamp. Every difference is named; the command line may
+/// leave size and vCPUs out (then the saved ones apply).
+pub fn plan(
+    cfg: &crate::config::RunConfig,
+    saved: &VmmConfigSection,
+    layout: &MemoryLayout,
+    mode: Mode,
+) -> std::result::Result<Plan, String> {
+    let mut diffs = Vec::new();
+    // A state cannot choose a host file: the backend is the command line's. (Memory carried
+    // by fd needs no path; the default memfd backend stands for it.)
+    let backend = cfg.memory.clone();
+    if saved.memory != backend.to_string() {
+        diffs.push(format!(
+            "memory backend: `{}` in the state, `--memory {backend}` on the command line{}",
+            saved.memory,
+            if mode == Mode::Transfer {
+                " (start the new VMM with the same --memory)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let size = cfg.memory_size.unwrap_or(saved.memory_size);
+    if cfg.memory_size.is_some_and(|s| s != saved.memory_size) {
+        diffs.push(format!(
+            "memory size: {} in the state, --memory-size {size} on the command line",
+            saved.memory_size
+        ));
+    }
+    let vcpus = cfg.vcpus.unwrap_or(saved.vcpus as usize);
+    if cfg.vcpus.is_some_and(|v| v != saved.vcpus as usize) {
+        diffs.push(format!(
+            "vCPUs: {} in the state, --vcpus {vcpus} on the command line",
+            saved.vcpus
+        ));
+    }
+    let huge = match (cfg.huge_pages, saved.huge_pages) {
+        (Some(h), s) if h.0.bytes() != s && mode == Mode::Reboot => {
+            diffs.push(format!(
+                "huge pages: {s} in the state, {} on the command line",
+                h.0.bytes()
+            ));
+            Some(h.0)
+        }
+        (Some(h), _) => Some(h.0),
+        (None, 0) => None,
+        (None, s) if s == 1 << 30 => Some(cpr_memory::HugePageSize::Size1G),
+        (None, s) if s == 2 << 20 => Some(cpr_memory::HugePageSize::Size2M),
+        (None, s) => {
+            diffs.push(format!("huge pages of {s} bytes"));
+            None
+        }
+    };
+    if vcpus == 0 || vcpus > crate::machine::MAX_VCPUS {
+        diffs.push(format!(
+            "{vcpus} vCPUs (1 to {})",
+            crate::machine::MAX_VCPUS
+        ));
+    }
+    if let Err(e) = crate::memory::check_size(size, huge) {
+        diffs.push(e);
+    }
+    if !diffs.is_empty() {
+        return Err(format!(
+            "the state does not match this command line: {}",
+            diffs.join("; ")
+        ));
+    }
+    let expected = crate::memory::specs(&backend, size, huge);
+    let diffs = crate::memory::differences(layout, &expected);
+    if !diffs.is_empty() {
+        return Err(format!(
+            "the state's memory map is not the one this command line gives: {}",
+            diffs.join("; ")
+        ));
+    }
+    if !layout.has_stamp() {
+        return Err(
+            "the state's memory layout has no stamp, so its memory cannot be verified".into(),
+        );
+    }
+    Ok(Plan {
+        backend,
+        size,
+        huge,
+        vcpus,
+    })
+}
+
+/// The vCPU sections must be exactly one per vCPU, instances 0 to n-1.
+pub fn check_vcpu_sections(instances: &[u32], vcpus: usize) -> std::result::Result<(), String> {
+    if instances.len() != vcpus || instances.iter().enumerate().any(|(i, &n)| n != i as u32) {
+        return Err(format!(
+            "the state has vCPU sections {instances:?} for {vcpus} vCPUs"
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes and checks a reboot state against `cfg` as the restore does, up to the point where
+/// it would open memory and create the VM (for the `restore_state` fuzz target).
+pub fn check_state(
+    bytes: &[u8],
+    cfg: &crate::config::RunConfig,
+) -> std::result::Result<Plan, String> {
+    let schema = schema();
+    let e = |e: cpr_snapshot::Error| e.to_string();
+    let mut snap = Snapshot::read_from(bytes, &schema).map_err(e)?;
+    let update: cpr_update::UpdateSection = snap.take(0).map_err(e)?;
+    update.info(Mode::Reboot).map_err(|e| e.to_string())?;
+    let saved: VmmConfigSection = snap.take(0).map_err(e)?;
+    let layout: MemoryLayout = snap.take(0).map_err(e)?;
+    let plan = plan(cfg, &saved, &layout, Mode::Reboot)?;
+    let vm: VmState = snap.take(0).map_err(e)?;
+    vm.validate().map_err(|e| e.to_string())?;
+    let instances = snap.instances::<VcpuState>();
+    check_vcpu_sections(&instances, plan.vcpus)?;
+    for i in instances {
+        snap.take::<VcpuState>(i)
+            .map_err(e)?
+            .validate()
+            .map_err(|e| e.to_string())?;
+    }
+    let serial: SerialSection = snap.take(0).map_err(e)?;
+    crate::serial::check_state(&serial).map_err(|e| e.to_string())?;
+    Ok(plan)
+}
+
 impl Vmm {
     pub(crate) fn memory_warnings(&self, mode: Mode) -> Vec<String> {
         self.machine
@@ -201,70 +345,6 @@ impl Vmm {
                 Some(r) if r.kind == BackendKind::Memfd && r.page_size > 4096 => r.page_size,
                 _ => 0,
             },
-        }
-    }
-
-    /// What the command line says about the machine, checked against the saved
-    /// configuration: the memory backend, its size, the vCPU count. Every difference is
-    /// named; the command line may leave size and vCPUs out (then the saved ones apply).
-    fn check_config(
-        &self,
-        saved: &VmmConfigSection,
-        mode: Mode,
-    ) -> std::result::Result<(MemoryConfig, u64, usize), String> {
-        let cfg = &self.config;
-        let mut diffs = Vec::new();
-        // A state cannot choose a host file: the backend is the command line's. (Memory
-        // carried by fd needs no path; the default memfd backend stands for it.)
-        let backend = cfg.memory.clone();
-        if saved.memory != backend.to_string() {
-            diffs.push(format!(
-                "memory backend: `{}` in the state, `--memory {backend}` on the command line{}",
-                saved.memory,
-                if mode == Mode::Transfer {
-                    " (start the new VMM with the same --memory)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        let size = cfg.memory_size.unwrap_or(saved.memory_size);
-        if cfg.memory_size.is_some_and(|s| s != saved.memory_size) {
-            diffs.push(format!(
-                "memory size: {} in the state, --memory-size {size} on the command line",
-                saved.memory_size
-            ));
-        }
-        let vcpus = cfg.vcpus.unwrap_or(saved.vcpus as usize);
-        if cfg.vcpus.is_some_and(|v| v != saved.vcpus as usize) {
-            diffs.push(format!(
-                "vCPUs: {} in the state, --vcpus {vcpus} on the command line",
-                saved.vcpus
-            ));
-        }
-        let huge = cfg.huge_pages.map_or(0, |h| h.0.bytes());
-        if huge != saved.huge_pages && mode == Mode::Reboot {
-            diffs.push(format!(
-                "huge pages: {} in the state, {huge} on the command line",
-                saved.huge_pages
-            ));
-        }
-        if vcpus == 0 || vcpus > crate::machine::MAX_VCPUS {
-            diffs.push(format!(
-                "{vcpus} vCPUs (1 to {})",
-                crate::machine::MAX_VCPUS
-            ));
-        }
-        if let Err(e) = crate::memory::check_size(size, cfg.huge_pages.map(|h| h.0)) {
-            diffs.push(e);
-        }
-        if diffs.is_empty() {
-            Ok((backend, size, vcpus))
-        } else {
-            Err(format!(
-                "the state does not match this command line: {}",
-                diffs.join("; ")
-            ))
         }
     }
 
@@ -703,26 +783,9 @@ impl Updatable for Vmm {
     fn prepare(&mut self, input: &mut Loader<'_, '_>) -> std::result::Result<(), BoxError> {
         let cfg: VmmConfigSection = input.take(0)?;
         let layout: MemoryLayout = input.take(0)?;
-        let (backend, size, vcpus) = self.check_config(&cfg, input.mode())?;
+        let plan = plan(&self.config, &cfg, &layout, input.mode())?;
+        let vcpus = plan.vcpus;
         self.ids = *input.ids();
-        let huge = self
-            .config
-            .huge_pages
-            .map(|h| h.0)
-            .or(match cfg.huge_pages {
-                0 => None,
-                s if s == 1 << 30 => Some(cpr_memory::HugePageSize::Size1G),
-                _ => Some(cpr_memory::HugePageSize::Size2M),
-            });
-        let expected = crate::memory::specs(&backend, size, huge);
-        let diffs = crate::memory::differences(&layout, &expected);
-        if !diffs.is_empty() {
-            return Err(format!(
-                "the state's memory map is not the one this command line gives: {}",
-                diffs.join("; ")
-            )
-            .into());
-        }
         let mut fds: HashMap<String, OwnedFd> = input
             .fds()
             .take_kind(FdKind::MEMORY)
@@ -926,5 +989,180 @@ impl Updatable for Vmm {
             }
             other => log::debug!("cpr: {other:?}"),
         }
+    }
+}
+
+/// The `restore_state` fuzz target's driver: arbitrary section payloads in a valid container,
+/// through the restore's checks ([`check_state`]).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// What a selector byte frames: section name and version (at state version 2).
+    pub const SECTIONS: &[(&str, u16)] = &[
+        ("vmm-config", 2),
+        ("memory-layout", 2),
+        ("kvm-vm", 1),
+        ("kvm-vcpu", 1),
+        ("serial", 1),
+        ("cpr-update", 1),
+        ("qmp-reply", 1),
+        ("monitor", 2),
+        ("unknown-extra", 1),
+    ];
+
+    /// The command line the states are checked against.
+    pub fn command_line() -> crate::config::RunConfig {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from([
+            "vmm-reference",
+            "run",
+            "--memory",
+            "shm:/dev/shm/cpr-fuzz/ram",
+            "--memory-size",
+            "64M",
+            "--vcpus",
+            "2",
+        ])
+        .expect("a valid command line");
+        match cli.command {
+            Some(crate::config::Command::Run(r)) => *r,
+            _ => unreachable!("run"),
+        }
+    }
+
+    /// The input format: repeated `selector u8, length u16, payload`; a truncated last piece
+    /// is dropped.
+    pub fn encode(pieces: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (sel, p) in pieces {
+            out.push(*sel);
+            out.extend_from_slice(&(p.len().min(u16::MAX as usize) as u16).to_le_bytes());
+            out.extend_from_slice(&p[..p.len().min(u16::MAX as usize)]);
+        }
+        out
+    }
+
+    /// Frames `data` (see [`encode`]) and runs the restore's checks on it.
+    pub fn restore_state(data: &[u8]) -> std::result::Result<Plan, String> {
+        let mut rest = data;
+        let mut owned: Vec<(&str, u32, u16, Vec<u8>)> = Vec::new();
+        let mut vcpu = 0u32;
+        while rest.len() >= 3 && owned.len() < 32 {
+            let sel = rest[0] as usize % SECTIONS.len();
+            let len = u16::from_le_bytes([rest[1], rest[2]]) as usize;
+            rest = &rest[3..];
+            let take = len.min(rest.len());
+            let (payload, tail) = rest.split_at(take);
+            rest = tail;
+            let (name, version) = SECTIONS[sel];
+            let instance = if name == "kvm-vcpu" {
+                vcpu += 1;
+                vcpu - 1
+            } else {
+                0
+            };
+            if owned
+                .iter()
+                .any(|(n, i, _, _)| *n == name && *i == instance)
+            {
+                continue;
+            }
+            owned.push((name, instance, version, payload.to_vec()));
+        }
+        let sections: Vec<cpr_snapshot::fuzzing::RawSection<'_>> = owned
+            .iter()
+            .map(|(n, i, v, p)| {
+                (
+                    *n,
+                    *i,
+                    *v,
+                    *n == "monitor" || *n == "unknown-extra",
+                    p.as_slice(),
+                )
+            })
+            .collect();
+        let bytes = cpr_snapshot::fuzzing::container(APP, VERSION, 2, &sections);
+        check_state(&bytes, &command_line())
+    }
+
+    /// Seeds: a state that passes every check, and variants that fail each one.
+    pub fn seeds() -> Vec<(String, Vec<u8>)> {
+        let schema = schema();
+        let payload = |w: &dyn Fn(&mut cpr_snapshot::SnapshotWriter<'_, Vec<u8>>)| {
+            let mut wr =
+                cpr_snapshot::SnapshotWriter::new(Vec::new(), &schema, APP, VERSION, 2).unwrap();
+            w(&mut wr);
+            let bytes = wr.finish().unwrap();
+            let info = cpr_snapshot::inspect(bytes.as_slice(), schema.limits()).unwrap();
+            let s = &info.sections[0];
+            bytes[s.payload_offset as usize..s.payload_offset as usize + s.len as usize].to_vec()
+        };
+        let cfg = VmmConfigSection {
+            vcpus: 2,
+            guest: "demo".into(),
+            serial: "null".into(),
+            memory: "shm:/dev/shm/cpr-fuzz/ram".into(),
+            memory_size: 64 << 20,
+            huge_pages: 0,
+        };
+        let layout = MemoryLayout {
+            regions: vec![cpr_memory::RegionLayout {
+                guest_addr: 0,
+                size: 64 << 20,
+                kind: BackendKind::Tmpfs,
+                name: "/dev/shm/cpr-fuzz/ram".into(),
+                offset: 0,
+                page_size: 4096,
+                backing_size: (64 << 20) + 4096,
+            }],
+            stamp_offset: 64 << 20,
+        };
+        let (vm, vcpus) = cpr_kvm::blank_states(2);
+        let update = cpr_update::UpdateSection {
+            mode: 3,
+            vm_id: cpr_snapshot::Blob(vec![1; 16]),
+            state_id: cpr_snapshot::Blob(vec![2; 16]),
+            generation: 1,
+            ..Default::default()
+        };
+        let good = vec![
+            (0u8, payload(&|w| w.write_section(0, &cfg).unwrap())),
+            (1, payload(&|w| w.write_section(0, &layout).unwrap())),
+            (2, payload(&|w| w.write_section(0, &vm).unwrap())),
+            (3, payload(&|w| w.write_section(0, &vcpus[0]).unwrap())),
+            (3, payload(&|w| w.write_section(1, &vcpus[1]).unwrap())),
+            (
+                4,
+                payload(&|w| w.write_section(0, &SerialSection::default()).unwrap()),
+            ),
+            (5, payload(&|w| w.write_section(0, &update).unwrap())),
+        ];
+        let mut out = vec![("valid".to_string(), encode(&good))];
+        let mut one_vcpu = good.clone();
+        one_vcpu.remove(4);
+        out.push(("one-vcpu-section".into(), encode(&one_vcpu)));
+        let mut big = good.clone();
+        big[1] = (
+            1,
+            payload(&|w| {
+                let mut l = layout.clone();
+                l.regions[0].guest_addr = 4 << 30;
+                w.write_section(0, &l).unwrap()
+            }),
+        );
+        out.push(("region-at-4g".into(), encode(&big)));
+        let mut other = good;
+        other[0] = (
+            0,
+            payload(&|w| {
+                let mut c = cfg.clone();
+                c.memory = "shm:/etc/shadow".into();
+                w.write_section(0, &c).unwrap()
+            }),
+        );
+        out.push(("other-file".into(), encode(&other)));
+        out
     }
 }

@@ -31,3 +31,53 @@ fn replay_qmp_seeds_and_regressions() {
         "one good object among garbage"
     );
 }
+
+fn restore_seed_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/restore_state")
+}
+
+/// The `restore_state` seeds are written by this test (`CPR_REGEN_SEEDS=1`) and must be
+/// current: the valid one passes every check of the restore, each variant fails its own.
+#[test]
+fn restore_seeds_are_current_and_mean_what_they_say() {
+    use vmm_reference::update::fuzzing::{restore_state, seeds};
+    let dir = restore_seed_dir();
+    let regen = std::env::var_os("CPR_REGEN_SEEDS").is_some();
+    if regen {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, bytes) in seeds() {
+        let path = dir.join(&name);
+        if regen {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let stored = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; run with CPR_REGEN_SEEDS=1", path.display()));
+        assert_eq!(stored, bytes, "{name} is stale; run with CPR_REGEN_SEEDS=1");
+        let r = restore_state(&bytes);
+        match name.as_str() {
+            "valid" => assert_eq!(r.unwrap().vcpus, 2),
+            "one-vcpu-section" => assert!(r.unwrap_err().contains("vCPU sections [0]")),
+            "region-at-4g" => assert!(r.unwrap_err().contains("guest address")),
+            "other-file" => assert!(r.unwrap_err().contains("memory backend")),
+            other => panic!("unexpected seed {other}"),
+        }
+    }
+}
+
+#[test]
+fn replay_restore_and_protocol_regressions() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    for sub in ["seeds/restore_state", "regressions/restore_state"] {
+        for e in std::fs::read_dir(root.join(sub)).into_iter().flatten() {
+            let _ = vmm_reference::update::fuzzing::restore_state(
+                &std::fs::read(e.unwrap().path()).unwrap(),
+            );
+        }
+    }
+    for sub in ["seeds/protocol_reader", "regressions/protocol_reader"] {
+        for e in std::fs::read_dir(root.join(sub)).into_iter().flatten() {
+            cpr_update::protocol::fuzz_reader(&std::fs::read(e.unwrap().path()).unwrap());
+        }
+    }
+}

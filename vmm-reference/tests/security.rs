@@ -102,42 +102,78 @@ fn a_crafted_state_cannot_choose_host_files_or_a_memory_map() {
 
     type Edit = Box<dyn Fn(&mut Parts)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
-        ("another file", Box::new({
-            let v = victim_s.clone();
-            move |p: &mut Parts| p.layout.regions[0].name = v.clone()
-        }), "the backing is"),
-        ("another file, configured", Box::new({
-            let v = victim_s.clone();
-            move |p: &mut Parts| {
-                p.layout.regions[0].name = v.clone();
-                p.cfg.memory = format!("shm:{v}");
-            }
-        }), "memory backend"),
-        ("a second region", Box::new({
-            let v = victim_s.clone();
-            move |p: &mut Parts| {
-                let mut r = p.layout.regions[0].clone();
-                r.guest_addr = 64 << 20;
-                r.name = v.clone();
-                p.layout.regions.push(r);
-            }
-        }), "2 memory regions"),
-        ("a symlinked directory", Box::new({
-            let l = linkdir.join("ram").to_string_lossy().into_owned();
-            move |p: &mut Parts| p.layout.regions[0].name = l.clone()
-        }), "the backing is"),
-        ("a relative path", Box::new(|p: &mut Parts| p.layout.regions[0].name = "ram".into()),
-            "the backing is"),
-        ("a region beyond the memory map", Box::new(|p: &mut Parts| p.layout.regions[0].guest_addr = 4 << 30),
-            "the guest address is 0x100000000"),
-        ("a smaller region", Box::new(|p: &mut Parts| p.layout.regions[0].size = 1 << 20),
-            "the size is 1048576"),
-        ("no stamp", Box::new(|p: &mut Parts| p.layout.stamp_offset = cpr_memory::NO_STAMP),
-            "no stamp"),
-        ("one vCPU with two vCPU sections", Box::new(|p: &mut Parts| p.cfg.vcpus = 1),
-            "vCPUs: 1 in the state, --vcpus 2"),
-        ("two vCPUs, one section", Box::new(|p: &mut Parts| { p.vcpus.pop(); }),
-            "vCPU sections [0] for 2 vCPUs"),
+        (
+            "another file",
+            Box::new({
+                let v = victim_s.clone();
+                move |p: &mut Parts| p.layout.regions[0].name = v.clone()
+            }),
+            "the backing is",
+        ),
+        (
+            "another file, configured",
+            Box::new({
+                let v = victim_s.clone();
+                move |p: &mut Parts| {
+                    p.layout.regions[0].name = v.clone();
+                    p.cfg.memory = format!("shm:{v}");
+                }
+            }),
+            "memory backend",
+        ),
+        (
+            "a second region",
+            Box::new({
+                let v = victim_s.clone();
+                move |p: &mut Parts| {
+                    let mut r = p.layout.regions[0].clone();
+                    r.guest_addr = 64 << 20;
+                    r.name = v.clone();
+                    p.layout.regions.push(r);
+                }
+            }),
+            "2 memory regions",
+        ),
+        (
+            "a symlinked directory",
+            Box::new({
+                let l = linkdir.join("ram").to_string_lossy().into_owned();
+                move |p: &mut Parts| p.layout.regions[0].name = l.clone()
+            }),
+            "the backing is",
+        ),
+        (
+            "a relative path",
+            Box::new(|p: &mut Parts| p.layout.regions[0].name = "ram".into()),
+            "the backing is",
+        ),
+        (
+            "a region beyond the memory map",
+            Box::new(|p: &mut Parts| p.layout.regions[0].guest_addr = 4 << 30),
+            "the guest address is 0x100000000",
+        ),
+        (
+            "a smaller region",
+            Box::new(|p: &mut Parts| p.layout.regions[0].size = 1 << 20),
+            "the size is 1048576",
+        ),
+        (
+            "no stamp",
+            Box::new(|p: &mut Parts| p.layout.stamp_offset = cpr_memory::NO_STAMP),
+            "no stamp",
+        ),
+        (
+            "one vCPU with two vCPU sections",
+            Box::new(|p: &mut Parts| p.cfg.vcpus = 1),
+            "vCPUs: 1 in the state, --vcpus 2",
+        ),
+        (
+            "two vCPUs, one section",
+            Box::new(|p: &mut Parts| {
+                p.vcpus.pop();
+            }),
+            "vCPU sections [0] for 2 vCPUs",
+        ),
     ];
     for (what, edit, expect) in cases {
         let mut p = decode(&good);
@@ -247,13 +283,19 @@ fn a_restore_on_another_boot_uses_real_time() {
     let mut vm = start_env(
         &dir,
         &incoming(&dir, &base),
-        &[("CPR_UPDATE_TEST_BOOT_ID", "00000000-0000-0000-0000-00000000b007")],
+        &[(
+            "CPR_UPDATE_TEST_BOOT_ID",
+            "00000000-0000-0000-0000-00000000b007",
+        )],
         "vmm-2.log",
     );
     let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
     let last = &info["last-update"];
     assert_eq!(last["blackout-basis"], "realtime", "{info}");
-    assert!(last["blackout-us"].as_u64().unwrap() >= outage.as_micros() as u64, "{info}");
+    assert!(
+        last["blackout-us"].as_u64().unwrap() >= outage.as_micros() as u64,
+        "{info}"
+    );
     let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
     check_continuity(&before, &after).unwrap();
     let advanced = after.kvmclock.saturating_sub(kvmclock_before);
@@ -324,7 +366,11 @@ fn another_user_cannot_reach_the_sockets_whatever_the_umask() {
             "import socket,sys; socket.socket(socket.AF_UNIX).connect({:?})",
             s.to_string_lossy()
         );
-        assert!(!as_nobody("python3", &["-c", &connect]), "nobody connected to {}", s.display());
+        assert!(
+            !as_nobody("python3", &["-c", &connect]),
+            "nobody connected to {}",
+            s.display()
+        );
     }
     // The check itself works: root (this test) connects.
     let _c = std::os::unix::net::UnixStream::connect(&ser).unwrap();
@@ -337,13 +383,7 @@ fn another_user_cannot_reach_the_sockets_whatever_the_umask() {
 /// over a file that is not a state file of this VM. The guest runs on, never stopped.
 #[test]
 fn clients_cannot_exec_other_binaries_or_write_outside_the_state_directory() {
-    let Some((dir, _, mut vm, before)) = boot_with(
-        "policy",
-        Dir::shm_arg,
-        1,
-        1,
-        &[],
-    ) else {
+    let Some((dir, _, mut vm, before)) = boot_with("policy", Dir::shm_arg, 1, 1, &[]) else {
         return;
     };
     let victim = dir.p("victim");
@@ -351,19 +391,43 @@ fn clients_cannot_exec_other_binaries_or_write_outside_the_state_directory() {
     std::os::unix::fs::symlink(&victim, dir.p("link.state")).unwrap();
     std::fs::write(dir.p("other.state"), b"not a state file").unwrap();
     for (args, expect) in [
-        (json!({"mode": "restart", "binary": "/bin/true"}), "not an allowed update binary"),
-        (json!({"mode": "restart", "binary": victim}), "not an allowed update binary"),
-        (json!({"mode": "reboot", "path": "/etc/hostname"}), "not a file in the state directory"),
-        (json!({"mode": "reboot", "path": "../victim"}), "not a file in the state directory"),
-        (json!({"mode": "reboot", "path": "link.state"}), "symbolic link"),
-        (json!({"mode": "reboot", "path": "other.state"}), "not a state file of this VM"),
+        (
+            json!({"mode": "restart", "binary": "/bin/true"}),
+            "not an allowed update binary",
+        ),
+        (
+            json!({"mode": "restart", "binary": victim}),
+            "not an allowed update binary",
+        ),
+        (
+            json!({"mode": "reboot", "path": "/etc/hostname"}),
+            "not a file in the state directory",
+        ),
+        (
+            json!({"mode": "reboot", "path": "../victim"}),
+            "not a file in the state directory",
+        ),
+        (
+            json!({"mode": "reboot", "path": "link.state"}),
+            "symbolic link",
+        ),
+        (
+            json!({"mode": "reboot", "path": "other.state"}),
+            "not a state file of this VM",
+        ),
     ] {
         let (_, desc) = qmp_error(vm.qmp.execute("cpr-save", args.clone()).unwrap_err());
         assert!(desc.contains(expect), "{args}: {desc}");
     }
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-    assert_eq!(std::fs::read(dir.p("other.state")).unwrap(), b"not a state file");
-    assert!(vm.qmp.events().all(|e| e["event"] != "STOP"), "never paused");
+    assert_eq!(
+        std::fs::read(dir.p("other.state")).unwrap(),
+        b"not a state file"
+    );
+    assert!(
+        vm.qmp.events().all(|e| e["event"] != "STOP"),
+        "never paused"
+    );
     let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
     check_continuity(&before, &after).unwrap();
     quit(vm);
@@ -395,7 +459,12 @@ fn the_demo_does_not_follow_planted_symlinks() {
     let work = tempfile::tempdir().unwrap();
     let victim = work.path().join("victim");
     std::fs::write(&victim, b"precious").unwrap();
-    for name in ["vmm-restart.log", "serial-restart.log", "qmp-restart.sock", "vm.state"] {
+    for name in [
+        "vmm-restart.log",
+        "serial-restart.log",
+        "qmp-restart.sock",
+        "vm.state",
+    ] {
         std::os::unix::fs::symlink(&victim, work.path().join(name)).unwrap();
     }
     let out = std::process::Command::new(exe())
@@ -450,15 +519,24 @@ fn slow_and_surplus_clients_do_not_stall_the_others() {
     }
     times.sort();
     let median = times[times.len() / 2];
-    assert!(median < Duration::from_millis(50), "median {median:?} of {times:?}");
+    assert!(
+        median < Duration::from_millis(50),
+        "median {median:?} of {times:?}"
+    );
     // The monitor has at most its limit of clients; an update carries those.
-    let r = vm.qmp.execute("cpr-save", json!({"mode": "restart"})).unwrap();
+    let r = vm
+        .qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap();
     assert_eq!(r["mode"], "restart");
     let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
     check_continuity(&before, &after).unwrap();
     let fds = fd_kinds(after.pid);
     let sockets = fds.get("socket").copied().unwrap_or(0);
-    assert!(sockets <= 16 + 4, "{sockets} sockets after the restart: {fds:?}");
+    assert!(
+        sockets <= 16 + 4,
+        "{sockets} sockets after the restart: {fds:?}"
+    );
     drop((stuck, idle));
     quit(vm);
     let _ = wait_exit;

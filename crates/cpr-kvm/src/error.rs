@@ -28,6 +28,26 @@ pub enum Error {
     /// The saved state does not fit the VM it is restored into.
     #[error("state does not fit: {0}")]
     Mismatch(String),
+    /// A saved table has more entries than the kernel takes.
+    #[error("saved {what} has {found} entries, at most {max} are allowed")]
+    TooMany {
+        /// The table.
+        what: &'static str,
+        /// Entries found.
+        found: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A saved irqchip holds another chip than its field says.
+    #[error("saved {what} holds chip {found}, expected {expected}")]
+    WrongChip {
+        /// Which field.
+        what: &'static str,
+        /// The chip id found.
+        found: u32,
+        /// The chip id expected.
+        expected: u32,
+    },
     /// Installing the vCPU kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(String),

@@ -28,7 +28,7 @@ pub use capture::{
 };
 pub use error::{Error, Result};
 pub use run::{complete_pending_io, monotonic_ns};
-pub use state::{CpuidEntry, FpuState, VcpuState, VmState};
+pub use state::{blank_states, CpuidEntry, FpuState, VcpuState, VmState, MAX_MSRS};
 
 /// The versioned types this crate saves (sections and the types inside them), for an
 /// application's [`SchemaBuilder::types`](cpr_snapshot::SchemaBuilder::types).

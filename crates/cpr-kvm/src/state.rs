@@ -166,6 +166,114 @@ impl Section for VmState {
     const NAME: &'static str = "kvm-vm";
 }
 
+/// Well-formed states of a VM with `vcpus` vCPUs, every kernel structure zeroed (and each
+/// irqchip naming its chip): what [`VmState::validate`] and [`VcpuState::validate`] accept.
+/// For tests and fuzz seeds; not a state a guest can run from.
+#[doc(hidden)]
+pub fn blank_states(vcpus: u32) -> (VmState, Vec<VcpuState>) {
+    use kvm_bindings::*;
+    let chip = |chip_id| {
+        to_blob(&kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        })
+    };
+    let vm = VmState {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER),
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE),
+        ioapic: chip(KVM_IRQCHIP_IOAPIC),
+        pit2: to_blob(&kvm_pit_state2::default()),
+        clock: to_blob(&kvm_clock_data::default()),
+    };
+    let vcpu = |id| VcpuState {
+        id,
+        mp_state: to_blob(&kvm_mp_state::default()),
+        regs: to_blob(&kvm_regs::default()),
+        sregs: to_blob(&kvm_sregs::default()),
+        fpu: FpuState::from_kvm(&kvm_fpu::default()),
+        lapic: to_blob(&kvm_lapic_state::default()),
+        events: to_blob(&kvm_vcpu_events::default()),
+        msrs: vec![(0x10, 1)],
+        tsc_khz: Some(1_000_000),
+        ..Default::default()
+    };
+    (vm, (0..vcpus).map(vcpu).collect())
+}
+
+/// Most MSRs a saved vCPU may carry.
+pub const MAX_MSRS: usize = 1024;
+
+/// Checks that a blob is the kernel structure's size, or empty if `optional`.
+fn check_blob<T>(b: &Blob, what: &'static str, optional: bool) -> Result<()> {
+    let expected = std::mem::size_of::<T>();
+    if b.len() == expected || (optional && b.is_empty()) {
+        return Ok(());
+    }
+    Err(Error::BadBlob {
+        what,
+        found: b.len(),
+        expected,
+    })
+}
+
+impl VcpuState {
+    /// Checks everything that can be checked without a vCPU: every kernel structure's size,
+    /// the size of the FPU registers, and the CPUID and MSR tables against the kernel's
+    /// limits. [`restore_vcpu`](crate::restore_vcpu) checks it again; call it early to refuse
+    /// a bad state before building anything.
+    pub fn validate(&self) -> Result<()> {
+        use kvm_bindings::*;
+        check_blob::<kvm_mp_state>(&self.mp_state, "mp_state", false)?;
+        check_blob::<kvm_regs>(&self.regs, "regs", false)?;
+        check_blob::<kvm_sregs>(&self.sregs, "sregs", false)?;
+        check_blob::<kvm_xsave>(&self.xsave, "xsave", true)?;
+        check_blob::<kvm_xcrs>(&self.xcrs, "xcrs", true)?;
+        check_blob::<kvm_debugregs>(&self.debugregs, "debugregs", true)?;
+        check_blob::<kvm_lapic_state>(&self.lapic, "lapic", false)?;
+        check_blob::<kvm_vcpu_events>(&self.events, "vcpu events", true)?;
+        self.fpu.to_kvm()?;
+        if self.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
+            return Err(Error::TooMany {
+                what: "CPUID",
+                found: self.cpuid.len(),
+                max: KVM_MAX_CPUID_ENTRIES,
+            });
+        }
+        if self.msrs.len() > MAX_MSRS {
+            return Err(Error::TooMany {
+                what: "MSR list",
+                found: self.msrs.len(),
+                max: MAX_MSRS,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl VmState {
+    /// Checks every kernel structure's size and that each irqchip holds the chip its field
+    /// names, without a VM; [`restore_vm`](crate::restore_vm) checks it again.
+    pub fn validate(&self) -> Result<()> {
+        use kvm_bindings::*;
+        for (blob, what, id) in [
+            (&self.pic_master, "PIC master", KVM_IRQCHIP_PIC_MASTER),
+            (&self.pic_slave, "PIC slave", KVM_IRQCHIP_PIC_SLAVE),
+            (&self.ioapic, "IOAPIC", KVM_IRQCHIP_IOAPIC),
+        ] {
+            let chip: kvm_irqchip = from_blob(blob, what)?;
+            if chip.chip_id != id {
+                return Err(Error::WrongChip {
+                    what,
+                    found: chip.chip_id,
+                    expected: id,
+                });
+            }
+        }
+        check_blob::<kvm_pit_state2>(&self.pit2, "pit2", true)?;
+        check_blob::<kvm_clock_data>(&self.clock, "clock", false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +294,44 @@ mod tests {
             from_blob::<kvm_bindings::kvm_regs>(&short, "regs"),
             Err(Error::BadBlob { found: 10, .. })
         ));
+    }
+
+    #[test]
+    fn whole_states_are_validated_without_kvm() {
+        let mut v = VcpuState {
+            mp_state: to_blob(&kvm_bindings::kvm_mp_state::default()),
+            regs: to_blob(&kvm_bindings::kvm_regs::default()),
+            sregs: to_blob(&kvm_bindings::kvm_sregs::default()),
+            fpu: FpuState::from_kvm(&kvm_bindings::kvm_fpu::default()),
+            lapic: to_blob(&kvm_bindings::kvm_lapic_state::default()),
+            ..Default::default()
+        };
+        v.validate().unwrap();
+        v.sregs = Blob(vec![0; 3]);
+        assert!(matches!(
+            v.validate(),
+            Err(Error::BadBlob { what: "sregs", .. })
+        ));
+        v.sregs = to_blob(&kvm_bindings::kvm_sregs::default());
+        v.msrs = vec![(0, 0); MAX_MSRS + 1];
+        assert!(matches!(v.validate(), Err(Error::TooMany { .. })));
+        assert!(VcpuState::default().validate().is_err());
+        let chip = |id| {
+            to_blob(&kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            })
+        };
+        let mut vm = VmState {
+            pic_master: chip(0),
+            pic_slave: chip(1),
+            ioapic: chip(2),
+            pit2: Blob::default(),
+            clock: to_blob(&kvm_bindings::kvm_clock_data::default()),
+        };
+        vm.validate().unwrap();
+        vm.ioapic = chip(0);
+        assert!(matches!(vm.validate(), Err(Error::WrongChip { .. })));
     }
 
     #[test]

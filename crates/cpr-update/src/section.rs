@@ -144,7 +144,7 @@ impl UpdateSection {
     }
 
     /// Checks the section against the mode of the incoming update.
-    pub(crate) fn info(&self, expected: Mode) -> Result<UpdateInfo> {
+    pub fn info(&self, expected: Mode) -> Result<UpdateInfo> {
         let bad = |reason: String| Error::BadUpdateSection { expected, reason };
         let mode =
             Mode::from_code(self.mode).ok_or_else(|| bad(format!("unknown mode {}", self.mode)))?;
