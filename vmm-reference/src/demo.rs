@@ -43,6 +43,8 @@ pub struct Status {
     pub pid: u64,
     /// kvmclock read by the VMM (`KVM_GET_CLOCK`), ns.
     pub kvmclock: u64,
+    /// The largest gap the guest saw between two loop iterations since the last reset, µs.
+    pub max_gap_us: u64,
 }
 
 impl Status {
@@ -59,6 +61,7 @@ impl Status {
             tsc_khz: 0,
             pid: 0,
             kvmclock: 0,
+            max_gap_us: 0,
         }
     }
 }
@@ -88,6 +91,7 @@ pub fn status(c: &mut QmpClient) -> Check<Status> {
         tsc_khz: v["tsc-khz"].as_u64().unwrap_or(0),
         pid: u("pid")?,
         kvmclock: v["kvmclock-ns"].as_u64().unwrap_or(0),
+        max_gap_us: v["max-gap-us"].as_u64().unwrap_or(0),
     })
 }
 

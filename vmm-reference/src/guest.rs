@@ -48,6 +48,8 @@ const ST_TSC: u64 = 0x48;
 const ST_TIMER_COUNT: u64 = 0x50;
 const ST_BAD_WORDS: u64 = 0x70;
 const ST_FAULTS: u64 = 0x78;
+const ST_MAX_GAP: u64 = 0x80;
+const ST_GAP_RESET: u64 = 0x88;
 const ST_TICKS: u64 = 0x100;
 
 global_asm!(
@@ -72,6 +74,11 @@ global_asm!(
     "test r15, r15",
     "jnz 20f",
     "mov rbx, qword ptr [0x5028]",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov r12, rax",
+    "mov r13, qword ptr [0x5080]",
     "10:",
     "test rbx, rbx",
     "jz 11f",
@@ -81,6 +88,19 @@ global_asm!(
     "mov qword ptr [0x5028], rbx",
     "call 40f",
     "call 50f",
+    // Publish the largest gap; start over if the host asked.
+    "mov qword ptr [0x5080], r13",
+    "cmp qword ptr [0x5088], 0",
+    "je 12f",
+    "xor r13, r13",
+    "mov qword ptr [0x5080], 0",
+    "mov qword ptr [0x5088], 0",
+    "12:",
+    // The serial line is not a loop iteration: the next gap starts after it.
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov r12, rax",
     "jmp 10b",
     // Application processors: halt between timer interrupts.
     "20:",
@@ -97,6 +117,19 @@ global_asm!(
     "31:",
     "cmp rdx, rcx",
     "jae 33f",
+    // The largest gap between two iterations (TSC): r12 the last, r13 the largest.
+    "mov rdi, rdx",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov rbp, rax",
+    "sub rbp, r12",
+    "mov r12, rax",
+    "cmp rbp, r13",
+    "jbe 36f",
+    "mov r13, rbp",
+    "36:",
+    "mov rdx, rdi",
     "mov rax, qword ptr [rsi + rdx*8]",
     "add r8, rax",
     "mov r11, rdx",
@@ -129,6 +162,19 @@ global_asm!(
     "41:",
     "cmp rdx, rcx",
     "jae 42f",
+    // The largest gap between two iterations (TSC): r12 the last, r13 the largest.
+    "mov rdi, rdx",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov rbp, rax",
+    "sub rbp, r12",
+    "mov r12, rax",
+    "cmp rbp, r13",
+    "jbe 46f",
+    "mov r13, rbp",
+    "46:",
+    "mov rdx, rdi",
     "mov rax, rdx",
     "imul rax, r9",
     "xor rax, rbx",
@@ -431,6 +477,9 @@ pub struct DemoStatus {
     pub tsc: u64,
     /// LAPIC timer interrupts of each vCPU.
     pub ticks: [u64; 8],
+    /// The largest gap the boot CPU saw between two iterations of its loops (TSC ticks),
+    /// as of its last serial line: a pause as the guest sees it.
+    pub max_gap_tsc: u64,
 }
 
 impl DemoStatus {
@@ -454,7 +503,14 @@ impl DemoStatus {
             checksum: r(ST_CHECKSUM)?,
             tsc: r(ST_TSC)?,
             ticks,
+            max_gap_tsc: r(ST_MAX_GAP)?,
         })
+    }
+
+    /// Asks the guest to forget the largest gap it saw (it does at its next serial line).
+    pub fn reset_gap<M: GuestMemory>(mem: &M) -> Result<(), String> {
+        mem.write_obj(1u64, GuestAddress(STATUS_ADDR + ST_GAP_RESET))
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -352,6 +352,7 @@ impl Vmm {
             "cpr-save" => return self.cpr_save(req),
             "cpr-load" => args(&["path"]).and_then(|()| self.cpr_load(&req.arguments)),
             "x-demo-status" => args(&[]).and_then(|()| self.demo_status()),
+            "x-demo-reset-gap" => args(&[]).and_then(|()| self.demo_reset_gap()),
             "x-vfio-status" => args(&[]).and_then(|()| {
                 self.passthrough
                     .as_ref()
@@ -480,7 +481,14 @@ impl Vmm {
             "checksum": s.checksum, "tsc": s.tsc, "tsc-khz": m.tsc_khz(),
             "ticks": &s.ticks[..m.vcpu_count()], "pid": std::process::id(),
             "kvmclock-ns": m.kvmclock_ns(), "updates": self.update_count,
+            "max-gap-tsc": s.max_gap_tsc,
+            "max-gap-us": m.tsc_khz().filter(|k| *k > 0).map(|k| s.max_gap_tsc * 1000 / u64::from(k)),
         }))
+    }
+
+    fn demo_reset_gap(&self) -> std::result::Result<Value, QmpError> {
+        DemoStatus::reset_gap(self.machine()?.ram.memory()).map_err(q)?;
+        Ok(json!({}))
     }
 
     fn cpr_load(&mut self, args: &Map<String, Value>) -> std::result::Result<Value, QmpError> {
@@ -511,6 +519,7 @@ pub const COMMANDS: &[&str] = &[
     "cpr-save",
     "cpr-load",
     "x-demo-status",
+    "x-demo-reset-gap",
     "x-vfio-status",
     "query-commands",
 ];

@@ -898,3 +898,32 @@ fn the_binary_tells_which_state_versions_it_reads() {
     assert_eq!(b.reads, 2..=2);
     assert!(b.has_feature("fallback"));
 }
+
+#[test]
+fn the_guest_sees_at_least_the_blackout_the_vmm_reports() {
+    let Some((dir, mut vm, before)) = boot("gap", "memfd", 1, 2) else {
+        return;
+    };
+    let _ = dir;
+    vm.qmp.execute("x-demo-reset-gap", json!({})).unwrap();
+    // The guest forgets at its next line and publishes the new maximum at the one after.
+    let reset = wait_progress(&mut vm.qmp, &before, 2).unwrap();
+    let r = vm
+        .qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap();
+    let blackout = r["blackout-us"].as_u64().unwrap();
+    vm.qmp
+        .wait_event("RESUME", Duration::from_secs(10))
+        .unwrap();
+    let after = wait_progress(&mut vm.qmp, &reset, 2).unwrap();
+    // With the guest clock advanced over the pause, the guest's own TSC spans it: its
+    // largest gap between two loop iterations holds the whole blackout (and, on a loaded
+    // host, maybe more).
+    assert!(
+        after.max_gap_us * 10 >= blackout * 9,
+        "guest gap {} us, blackout {blackout} us",
+        after.max_gap_us
+    );
+    quit(vm);
+}

@@ -1,0 +1,147 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `cpr-floor`: what any restart of a KVM VMM must pay on this host, measured the way the
+//! reference VMM does it but with nothing else around: exec of a small binary in place (this
+//! one, from `execve` to its `main`),
+//! `KVM_CREATE_VM`, the in-kernel irqchip and PIT, registering the guest's memory (a memfd of
+//! the same size and page size, mapped shared) with KVM, creating the vCPUs, and setting
+//! their state (a full restore of what a fresh vCPU holds).
+//!
+//! ```text
+//! cpr-floor [--memory-size BYTES] [--vcpus N] [--huge-pages 2M]
+//! ```
+//!
+//! Prints one JSON line of microseconds: `exec`, `create-vm`, `irqchip`, `memory-slots`,
+//! `vcpus`, `vcpu-state`, and `total`.
+
+use std::os::unix::process::CommandExt;
+use std::time::Instant;
+
+use cpr_memory::{GuestRam, HugePageSize, RegionSpec};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
+
+fn monotonic_ns() -> u64 {
+    cpr_kvm::monotonic_ns()
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn us(d: std::time::Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+fn main() {
+    // First image: exec itself in place, as a restart does, and measure in the second.
+    let exec_us = match arg("--after-exec") {
+        Some(t0) => monotonic_ns().saturating_sub(t0.parse().expect("a time")) / 1000,
+        None => {
+            let err = std::process::Command::new(std::env::current_exe().expect("own path"))
+                .args(std::env::args().skip(1))
+                .arg("--after-exec")
+                .arg(monotonic_ns().to_string())
+                .exec();
+            panic!("exec: {err}");
+        }
+    };
+    let size: u64 = arg("--memory-size")
+        .map(|s| s.parse().expect("a size in bytes"))
+        .unwrap_or(1 << 30);
+    let vcpus: u64 = arg("--vcpus")
+        .map(|s| s.parse().expect("a count"))
+        .unwrap_or(2);
+    let huge = arg("--huge-pages").map(|s| match s.as_str() {
+        "2M" => HugePageSize::Size2M,
+        "1G" => HugePageSize::Size1G,
+        other => panic!("huge pages {other}"),
+    });
+
+    // Guest memory as the VMM has it: a memfd (RAM above 3 GiB at 4 GiB, same backing).
+    let mut b = GuestRam::builder();
+    let pieces: Vec<(u64, u64, u64)> = if size <= 3 << 30 {
+        vec![(0, size, 0)]
+    } else {
+        vec![(0, 3 << 30, 0), (4 << 30, size - (3 << 30), 3 << 30)]
+    };
+    for (addr, len, off) in &pieces {
+        let s = RegionSpec::memfd("guest-ram", *addr, *len).offset(*off);
+        b = b.region(match huge {
+            Some(h) => s.huge_pages(h),
+            None => s,
+        });
+    }
+    let ram = b.build().expect("guest memory");
+
+    let t = Instant::now();
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let create_vm = us(t.elapsed());
+
+    let t = Instant::now();
+    vm.set_tss_address(0xfffb_d000).expect("KVM_SET_TSS_ADDR");
+    vm.set_identity_map_address(0xfffb_c000)
+        .expect("KVM_SET_IDENTITY_MAP_ADDR");
+    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .expect("KVM_CREATE_PIT2");
+    let irqchip = us(t.elapsed());
+
+    let t = Instant::now();
+    for (slot, r) in ram.layout().regions.iter().enumerate() {
+        let (ptr, len) = ram.host_range(slot).expect("mapped");
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: r.guest_addr,
+            memory_size: len as u64,
+            userspace_addr: ptr as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `ram`, which outlives the VM (dropped after it).
+        unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
+    }
+    let memory_slots = us(t.elapsed());
+
+    let t = Instant::now();
+    let fds: Vec<_> = (0..vcpus)
+        .map(|i| vm.create_vcpu(i).expect("KVM_CREATE_VCPU"))
+        .collect();
+    let create_vcpus = us(t.elapsed());
+
+    // A fresh vCPU's full state, captured beforehand (not timed), then restored.
+    let caps = cpr_kvm::HostCaps::probe(&kvm).expect("caps");
+    let states: Vec<_> = fds
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let cpuid = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .expect("cpuid");
+            v.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+            cpr_kvm::capture_vcpu(v, i as u32, &caps)
+                .expect("capture")
+                .0
+        })
+        .collect();
+    let t = Instant::now();
+    for (v, s) in fds.iter().zip(&states) {
+        cpr_kvm::restore_vcpu(v, s, cpr_kvm::ClockPolicy::Frozen, 0).expect("restore");
+    }
+    let vcpu_state = us(t.elapsed());
+
+    let total = exec_us + create_vm + irqchip + memory_slots + create_vcpus + vcpu_state;
+    println!(
+        "{{\"exec\":{exec_us},\"create-vm\":{create_vm},\"irqchip\":{irqchip},\"memory-slots\":{memory_slots},\"vcpus\":{create_vcpus},\"vcpu-state\":{vcpu_state},\"total\":{total}}}"
+    );
+    drop(fds);
+    drop(vm);
+    drop(ram);
+}
