@@ -78,9 +78,12 @@ fn bench(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let (mut old, mut new) = ready();
-                let start = Instant::now();
+                let (tx, rx) = std::sync::mpsc::channel();
+                let mut start = Instant::now();
                 std::thread::scope(|s| {
-                    s.spawn(|| {
+                    s.spawn(move || {
+                        // Waiting in recv, as the new side does, before the clock starts.
+                        tx.send(()).unwrap();
                         let Message::State(got) = new.recv("STATE", T).unwrap() else {
                             panic!("not a STATE");
                         };
@@ -91,6 +94,8 @@ fn bench(c: &mut Criterion) {
                         new.recv("COMMIT", T).unwrap();
                         new.send(&Message::Started, T).unwrap();
                     });
+                    rx.recv().unwrap();
+                    start = Instant::now();
                     old.send(&Message::State(state.clone()), T).unwrap();
                     old.send_fds(&reg, T).unwrap();
                     old.recv("RESTORED", T).unwrap();

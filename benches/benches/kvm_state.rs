@@ -57,6 +57,30 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // What the old side of an update writes into the pause: the VM's and both vCPUs'
+    // sections, encoded and checksummed.
+    let schema = cpr_snapshot::Schema::builder()
+        .types(cpr_kvm::section_types())
+        .build()
+        .expect("schema");
+    c.bench_function("encode_vm_2_vcpus", |b| {
+        b.iter(|| {
+            let mut w = cpr_snapshot::SnapshotWriter::new(
+                Vec::with_capacity(64 << 10),
+                &schema,
+                "bench",
+                "0",
+                schema.latest_version(),
+            )
+            .unwrap();
+            w.write_section(0, &vm_state).unwrap();
+            for (i, s) in vcpu_states.iter().enumerate() {
+                w.write_section(i as u32, s).unwrap();
+            }
+            w.finish().unwrap()
+        })
+    });
+
     let (dst_vm, dst_vcpus) = vm(&kvm);
     c.bench_function("restore_vm_2_vcpus", |b| {
         b.iter(|| {

@@ -230,9 +230,36 @@ pub fn spawn_env(
     Ok(Vm { child, qmp })
 }
 
+/// A VMM process that is killed (and reaped) when dropped while still running, so a failed
+/// check never leaves one behind running a guest.
+#[derive(Debug)]
+pub struct Process(pub Child);
+
+impl std::ops::Deref for Process {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts `vmm-reference run --incoming transfer:SOCK` (logging to `log`) and waits until it
 /// listens.
-pub fn spawn_transfer_target(exe: &Path, sock: &Path, log: &Path) -> Check<Child> {
+pub fn spawn_transfer_target(exe: &Path, sock: &Path, log: &Path) -> Check<Process> {
     spawn_transfer_target_with(exe, sock, &[], &[], log)
 }
 
@@ -243,7 +270,7 @@ pub fn spawn_transfer_target_with(
     args: &[&str],
     env: &[(&str, &str)],
     log: &Path,
-) -> Check<Child> {
+) -> Check<Process> {
     let log = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let mut child = Command::new(exe)
         .args(["run", "--incoming", &format!("transfer:{}", sock.display())])
@@ -263,7 +290,7 @@ pub fn spawn_transfer_target_with(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(child)
+    Ok(Process(child))
 }
 
 /// Says that a test skipped, visibly: libtest captures what passing tests print (even

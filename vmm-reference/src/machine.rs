@@ -6,14 +6,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use cpr_kvm::run::{arm_kick, install_kick_handler, kick, PauseControl, Resume};
 use cpr_kvm::{
-    capture_vcpu, capture_vm, complete_pending_io, monotonic_ns, restore_vcpu, restore_vm,
-    ClockPolicy, HostCaps, VcpuState, VmState,
+    capture_vm, complete_and_capture, monotonic_ns, restore_vcpu_with, restore_vm, ClockPolicy,
+    HostCaps, VcpuConfig, VcpuState, VmState,
 };
 use cpr_memory::{BackendKind, GuestRam};
 use kvm_bindings::{
@@ -24,7 +24,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{kvm as kvm_err, Error, Result};
-use crate::serial::{SerialDevice, COM1_BASE, COM1_IRQ};
+use crate::serial::{SerialDevice, Uart, COM1_BASE, COM1_IRQ};
 
 /// Most vCPUs the reference VMM runs (the demo guest counts ticks for 8).
 pub const MAX_VCPUS: usize = 8;
@@ -67,12 +67,83 @@ struct Shared {
     first_entry_ns: AtomicU64,
     /// A thread waiting for the first entry, unparked by the vCPU that makes it.
     first_entry_waiter: Mutex<Option<Thread>>,
+    gate: Gate,
+}
+
+/// A vCPU and what it was configured with. Its thread holds the lock from the moment it
+/// first runs; before that (at the gate) whoever restores it takes the lock.
+#[derive(Debug)]
+struct Vcpu {
+    fd: VcpuFd,
+    config: VcpuConfig,
+}
+
+/// Where new vCPU threads wait before they first run, and where a restore hands out the
+/// vCPUs' states: the restoring thread takes them in order and each vCPU thread takes its
+/// own if it wakes first, so a restore is never slower than a serial one (waking a thread
+/// on an idle CPU can cost more than restoring a vCPU) and spreads over the CPUs that are
+/// awake.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    jobs: Vec<Option<Box<Job>>>,
+    done: Vec<Option<std::result::Result<Vec<u32>, String>>>,
+    open: Option<(Resume, Arc<Mutex<Uart>>)>,
+}
+
+#[derive(Debug)]
+struct Job {
+    state: VcpuState,
+    policy: ClockPolicy,
+    elapsed_ns: u64,
+}
+
+enum AtGate {
+    Restore(Box<Job>),
+    Open(Resume, Arc<Mutex<Uart>>),
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job of vCPU `index`, if nobody took it yet.
+    fn claim(&self, index: usize) -> Option<Box<Job>> {
+        self.lock().jobs.get_mut(index).and_then(Option::take)
+    }
+
+    /// A vCPU thread's next instruction.
+    fn wait(&self, index: usize) -> AtGate {
+        let mut s = self.lock();
+        loop {
+            if let Some(job) = s.jobs.get_mut(index).and_then(Option::take) {
+                return AtGate::Restore(job);
+            }
+            if let Some((what, uart)) = &s.open {
+                return AtGate::Open(*what, uart.clone());
+            }
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn finish(&self, index: usize, result: std::result::Result<Vec<u32>, String>) {
+        let mut s = self.lock();
+        if let Some(slot) = s.done.get_mut(index) {
+            *slot = Some(result);
+        }
+        self.cv.notify_all();
+    }
 }
 
 /// A running (or paused) VM.
 #[derive(Debug)]
 pub struct Machine {
-    kvm: Kvm,
     vm: VmFd,
     /// Guest RAM.
     pub ram: GuestRam,
@@ -80,16 +151,19 @@ pub struct Machine {
     pub serial: SerialDevice,
     vcpu_count: usize,
     shared: Arc<Shared>,
+    events: Events,
     threads: Vec<JoinHandle<()>>,
-    pending: Vec<VcpuFd>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    /// Whether the threads passed the gate (ran, or parked after running).
+    opened: bool,
     tsc_khz: Option<u32>,
     _serial_irq: EventFd,
 }
 
-fn cpuid_for(kvm: &Kvm, index: u32) -> Result<kvm_bindings::CpuId> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+/// vCPU `index`'s CPUID, from what the host supports (`KVM_GET_SUPPORTED_CPUID`, asked once
+/// per VM: it is one of KVM's slowest ioctls).
+fn cpuid_for(supported: &kvm_bindings::CpuId, index: u32) -> kvm_bindings::CpuId {
+    let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
             // Initial APIC id, and the hypervisor bit.
@@ -101,16 +175,28 @@ fn cpuid_for(kvm: &Kvm, index: u32) -> Result<kvm_bindings::CpuId> {
             _ => {}
         }
     }
-    Ok(cpuid)
+    cpuid
 }
 
 impl Machine {
     /// Creates the VM, its memory slots, irqchip, PIT, COM1's irqfd and `vcpus` vCPUs (not
-    /// running yet: boot or restore them, then [`start`](Self::start)).
+    /// running yet: boot or restore them, then [`start`](Self::start)). vCPU threads report
+    /// to `events`. With `cpuid`, the vCPUs get this VMM's CPUID now (a boot needs it; a
+    /// transfer sets it before the pause, and the restore skips it when the state agrees);
+    /// without, the restore sets the state's (a restart or reboot has the state already, and
+    /// `KVM_GET_SUPPORTED_CPUID` is one of KVM's slowest ioctls).
+    ///
+    /// The memory slots are registered before the irqchip exists: on this order the first
+    /// `KVM_SET_USER_MEMORY_REGION` costs what the slot's size costs, where after
+    /// `KVM_CREATE_IRQCHIP` it also waits several milliseconds for the kernel (measured in
+    /// docs/BENCHMARKS.md), inside the blackout of every restart and reboot.
     pub fn create(
         ram: GuestRam,
         vcpus: usize,
+        events: Events,
+        cpuid: bool,
         make_serial: impl FnOnce(EventFd) -> Result<SerialDevice>,
+        mark: &mut dyn FnMut(&'static str),
     ) -> Result<Machine> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(Error::Config(format!(
@@ -125,13 +211,6 @@ impl Machine {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         for (slot, r) in ram.layout().regions.iter().enumerate() {
             let (ptr, len) = ram
                 .host_range(slot)
@@ -148,6 +227,14 @@ impl Machine {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        mark("memory-slots");
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
         vm.register_irqfd(&irq, COM1_IRQ)
@@ -156,13 +243,33 @@ impl Machine {
             irq.try_clone()
                 .map_err(|e| Error::Io(format!("eventfd: {e}")))?,
         )?;
-        let pending = (0..vcpus)
-            .map(|i| vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU")))
+        let supported = if cpuid {
+            Some(
+                kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            )
+        } else {
+            None
+        };
+        let created = (0..vcpus)
+            .map(|i| {
+                let fd = vm
+                    .create_vcpu(i as u64)
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                let config = match &supported {
+                    Some(s) => VcpuConfig::configure(&fd, &cpuid_for(s, i as u32))?,
+                    None => VcpuConfig {
+                        cpuid: None,
+                        tsc_khz: fd.get_tsc_khz().ok().filter(|k| *k != 0),
+                    },
+                };
+                Ok(Vcpu { fd, config })
+            })
             .collect::<Result<Vec<_>>>()?;
-        let tsc_khz = pending.first().and_then(|v| v.get_tsc_khz().ok());
+        mark("vcpus-created");
+        let tsc_khz = created.first().and_then(|v| v.config.tsc_khz);
         Ok(Machine {
             tsc_khz,
-            kvm,
             vm,
             ram,
             serial,
@@ -173,9 +280,15 @@ impl Machine {
                 states: Mutex::new(vec![None; vcpus]),
                 first_entry_ns: AtomicU64::new(u64::MAX),
                 first_entry_waiter: Mutex::new(None),
+                gate: Gate::default(),
             }),
+            events,
             threads: Vec::new(),
-            pending,
+            vcpus: created
+                .into_iter()
+                .map(|v| Arc::new(Mutex::new(v)))
+                .collect(),
+            opened: false,
             _serial_irq: irq,
         })
     }
@@ -206,9 +319,8 @@ impl Machine {
 
     /// Sets up fresh vCPUs for the demo guest (already loaded into memory).
     pub fn boot_demo(&mut self) -> Result<()> {
-        for (i, vcpu) in self.pending.iter().enumerate() {
-            vcpu.set_cpuid2(&cpuid_for(&self.kvm, i as u32)?)
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let vcpu = &lock(v).fd;
             let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             vcpu.set_sregs(&crate::guest::initial_sregs(sregs))
                 .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -229,9 +341,8 @@ impl Machine {
         regs: kvm_bindings::kvm_regs,
         sregs: impl Fn(kvm_bindings::kvm_sregs) -> kvm_bindings::kvm_sregs,
     ) -> Result<()> {
-        for (i, vcpu) in self.pending.iter().enumerate() {
-            vcpu.set_cpuid2(&cpuid_for(&self.kvm, i as u32)?)
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let vcpu = &lock(v).fd;
             if i == 0 {
                 let s = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
                 vcpu.set_sregs(&sregs(s))
@@ -242,7 +353,10 @@ impl Machine {
         Ok(())
     }
 
-    /// Restores saved VM and vCPU state into the fresh VM. Returns MSRs the kernel refused.
+    /// Restores saved VM and vCPU state into the fresh VM: the VM-wide state here, then
+    /// each vCPU's on its own thread, all at once (the threads are started at the gate if
+    /// [`spawn_at_gate`](Self::spawn_at_gate) did not already). Returns MSRs the kernel
+    /// refused.
     pub fn restore(
         &mut self,
         vm_state: &VmState,
@@ -250,39 +364,111 @@ impl Machine {
         policy: ClockPolicy,
         elapsed_ns: u64,
     ) -> Result<Vec<u32>> {
-        if vcpus.len() != self.pending.len() {
+        if self.opened || vcpus.len() != self.vcpu_count {
             return Err(Error::State(format!(
-                "state has {} vCPUs, the VM {}",
+                "state has {} vCPUs for a VM of {}{}",
                 vcpus.len(),
-                self.pending.len()
+                self.vcpu_count,
+                if self.opened { " that already ran" } else { "" }
             )));
         }
         restore_vm(&self.vm, vm_state, policy, elapsed_ns)?;
+        self.spawn_at_gate()?;
+        let gate = &self.shared.gate;
+        let mut s = gate.lock();
+        s.done = vec![None; self.vcpu_count];
+        s.jobs = vcpus
+            .iter()
+            .map(|state| {
+                Some(Box::new(Job {
+                    state: state.clone(),
+                    policy,
+                    elapsed_ns,
+                }))
+            })
+            .collect();
+        gate.cv.notify_all();
+        drop(s);
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if let Some(job) = gate.claim(i) {
+                let r = job.run(&mut lock(v));
+                gate.finish(i, r);
+            }
+        }
+        let mut s = gate.lock();
+        // A restore is a dozen ioctls per vCPU; the deadline only catches a thread that died.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.done.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::State(
+                    "a vCPU thread did not restore its state".into(),
+                ));
+            }
+            s = gate
+                .cv
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
         let mut refused = Vec::new();
-        for (vcpu, state) in self.pending.iter().zip(vcpus) {
-            let r = restore_vcpu(vcpu, state, policy, elapsed_ns)?;
-            refused.extend(r.refused_msrs);
+        for (i, r) in s.done.drain(..).enumerate() {
+            match r {
+                Some(Ok(msrs)) => refused.extend(msrs),
+                Some(Err(e)) => return Err(Error::State(format!("vCPU {i}: {e}"))),
+                None => unreachable!("every vCPU reported"),
+            }
         }
         refused.sort_unstable();
         refused.dedup();
         Ok(refused)
     }
 
-    /// Whether the vCPU threads exist (started running or parked).
+    /// Whether the vCPU threads ran (they may be parked now).
     pub fn started(&self) -> bool {
-        !self.threads.is_empty()
+        self.opened
     }
 
-    /// Starts the vCPU threads, running.
-    pub fn start(&mut self, events: Events) -> Result<()> {
-        self.spawn(events)
+    /// Starts a thread per vCPU that waits at the gate: to restore its vCPU's state, then
+    /// to run. A transfer does it before the pause, so neither thread creation nor the
+    /// restore's hand-off costs a thread start inside the blackout. Does nothing if the
+    /// threads exist.
+    pub fn spawn_at_gate(&mut self) -> Result<()> {
+        for index in self.threads.len()..self.vcpus.len() {
+            let vcpu = self.vcpus[index].clone();
+            let shared = self.shared.clone();
+            let events = self.events.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu_thread(index, vcpu, shared, events))
+                .map_err(|e| Error::Io(format!("spawn vCPU thread: {e}")))?;
+            self.threads.push(t);
+        }
+        Ok(())
     }
 
-    /// Starts the vCPU threads parked, as after [`pause`](Self::pause): a restored guest
-    /// that was paused before its update. [`resume`](Self::resume) runs them.
-    pub fn start_paused(&mut self, events: Events, timeout: Duration) -> Result<u64> {
+    fn open_gate(&mut self, what: Resume) {
+        let gate = &self.shared.gate;
+        let mut s = gate.lock();
+        s.open = Some((what, self.serial.uart.clone()));
+        gate.cv.notify_all();
+        drop(s);
+        self.opened = true;
+    }
+
+    /// Runs the vCPUs.
+    pub fn start(&mut self) -> Result<()> {
+        self.shared.first_entry_ns.store(u64::MAX, Ordering::SeqCst);
+        self.spawn_at_gate()?;
+        self.open_gate(Resume::Run);
+        Ok(())
+    }
+
+    /// Starts the vCPUs parked, as after [`pause`](Self::pause): a restored guest that was
+    /// paused before its update. [`resume`](Self::resume) runs them.
+    pub fn start_paused(&mut self, timeout: Duration) -> Result<u64> {
         self.shared.pause.request_pause();
-        self.spawn(events)?;
+        self.start()?;
         Ok(self.shared.pause.wait_parked(timeout)?)
     }
 
@@ -290,6 +476,13 @@ impl Machine {
     /// vCPU in the guest.
     pub fn shutdown(&mut self) {
         if self.threads.is_empty() {
+            return;
+        }
+        if !self.opened {
+            self.open_gate(Resume::Exit);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
             return;
         }
         self.shared.pause.request_pause();
@@ -315,21 +508,6 @@ impl Machine {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-    }
-
-    fn spawn(&mut self, events: Events) -> Result<()> {
-        self.shared.first_entry_ns.store(u64::MAX, Ordering::SeqCst);
-        for (index, vcpu) in self.pending.drain(..).enumerate() {
-            let shared = self.shared.clone();
-            let uart = self.serial.uart.clone();
-            let events = events.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_loop(index, vcpu, shared, uart, events))
-                .map_err(|e| Error::Io(format!("spawn vCPU thread: {e}")))?;
-            self.threads.push(t);
-        }
-        Ok(())
     }
 
     /// Stops every vCPU (kicked out of `KVM_RUN`, pending I/O completed, state captured) and
@@ -437,22 +615,64 @@ impl Machine {
     }
 }
 
+/// A vCPU thread: at the gate until it opens (restoring its vCPU's state if it gets there
+/// first), then the run loop, holding its vCPU for good.
+fn vcpu_thread(index: usize, vcpu: Arc<Mutex<Vcpu>>, shared: Arc<Shared>, events: Events) {
+    loop {
+        match shared.gate.wait(index) {
+            AtGate::Restore(job) => {
+                let r = job.run(&mut lock(&vcpu));
+                shared.gate.finish(index, r);
+            }
+            AtGate::Open(Resume::Exit, _) => return,
+            AtGate::Open(Resume::Run, uart) => {
+                let mut v = lock(&vcpu);
+                let Vcpu { fd, config } = &mut *v;
+                return vcpu_loop(index, fd, config, shared, uart, events);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Job {
+    fn run(&self, v: &mut Vcpu) -> std::result::Result<Vec<u32>, String> {
+        restore_vcpu_with(
+            &v.fd,
+            &self.state,
+            self.policy,
+            self.elapsed_ns,
+            &mut v.config,
+        )
+        .map(|r| r.refused_msrs)
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // No vCPU thread outlives its VM, at the gate or in the guest.
+        self.shutdown();
+    }
+}
+
 fn vcpu_loop(
     index: usize,
-    mut vcpu: VcpuFd,
+    vcpu: &mut VcpuFd,
+    config: &VcpuConfig,
     shared: Arc<Shared>,
-    uart: Arc<Mutex<crate::serial::Uart>>,
+    uart: Arc<Mutex<Uart>>,
     events: Events,
 ) {
-    arm_kick(&mut vcpu);
+    arm_kick(vcpu);
     let mut entered = false;
     let mut last_exit_ns = monotonic_ns();
     loop {
         if shared.pause.pause_requested() {
-            if let Err(e) = complete_pending_io(&mut vcpu) {
-                log::warn!("vCPU {index}: completing pending I/O: {e}");
-            }
-            let captured = capture_vcpu(&vcpu, index as u32, &shared.caps)
+            let captured = complete_and_capture(vcpu, index as u32, &shared.caps, config)
                 .map(|(s, report)| {
                     if !report.refused_msrs.is_empty() {
                         log::debug!(

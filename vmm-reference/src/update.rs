@@ -526,10 +526,9 @@ impl Vmm {
         self.update_count += 1;
         let report = &r.report;
         if !report.was_running {
-            let events = self.events.clone();
             if let Some(m) = self.machine.as_mut() {
                 if !m.started() {
-                    self.paused_at_ns = m.start_paused(events, PAUSE_TIMEOUT)?;
+                    self.paused_at_ns = m.start_paused(PAUSE_TIMEOUT)?;
                 }
             }
             self.state = RunState::Paused;
@@ -640,12 +639,11 @@ impl Pausable for Vmm {
     }
 
     fn resume(&mut self) -> std::result::Result<(), BoxError> {
-        let events = self.events.clone();
         let m = self.machine.as_mut().ok_or("no VM")?;
         if m.started() {
             m.resume();
         } else {
-            m.start(events)?;
+            m.start()?;
         }
         self.state = RunState::Running;
         self.resume_event();
@@ -833,9 +831,16 @@ impl Updatable for Vmm {
             }
         }
         let access = self.policy.access;
-        let machine = Machine::create(ram, vcpus, |irq| {
-            SerialDevice::new(&SerialConfig::Null, None, irq, access)
-        })?;
+        let mut machine = Machine::create(
+            ram,
+            vcpus,
+            self.events.clone(),
+            input.mode() == Mode::Transfer,
+            |irq| SerialDevice::new(&SerialConfig::Null, None, irq, access),
+            &mut |name| input.mark(name),
+        )?;
+        // vCPU threads wait at the gate: for a transfer this is before the pause.
+        machine.spawn_at_gate()?;
         input.mark("vm-created");
         self.guest = cfg.guest;
         self.arrived.serial = cfg.serial;

@@ -226,9 +226,14 @@ impl Vmm {
         }
         let serial_cfg = cfg.serial.clone();
         let access = self.policy.access;
-        let mut machine = Machine::create(ram, cfg.boot_vcpus(), |irq| {
-            SerialDevice::new(&serial_cfg, None, irq, access)
-        })?;
+        let mut machine = Machine::create(
+            ram,
+            cfg.boot_vcpus(),
+            self.events.clone(),
+            true,
+            |irq| SerialDevice::new(&serial_cfg, None, irq, access),
+            &mut |_| {},
+        )?;
         if let Some(kernel) = &cfg.kernel {
             crate::linux::load(&mut machine, kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
             self.guest = "linux".into();
@@ -248,7 +253,7 @@ impl Vmm {
                 &machine.ram,
             )?);
         }
-        machine.start(self.events.clone())?;
+        machine.start()?;
         machine.serial.start_input();
         log::info!(
             "booted {} guest: {} MiB {}, {} vCPUs",

@@ -219,7 +219,7 @@ fn linux_keeps_booting_across_a_restart_and_a_transfer() {
     // A few seconds of guest time later, hand the VM to a new process.
     guest.wait_for(&["smpboot: Allowing".to_string()]);
     let sock = guest.dir.join("xfer.sock");
-    let target = spawn_transfer_target(
+    let mut target = spawn_transfer_target(
         Path::new(env!("CARGO_BIN_EXE_vmm-reference")),
         &sock,
         &guest.dir.join("new.log"),
@@ -238,7 +238,7 @@ fn linux_keeps_booting_across_a_restart_and_a_transfer() {
         0,
         "the old VMM exits"
     );
-    guest.child = target;
+    std::mem::swap(&mut guest.child, &mut *target);
     if !observable {
         skipped("the kernel printed `Memory:` before the restart; only checking it still runs");
         let status = guest.qmp.execute("query-status", json!({})).unwrap();

@@ -4,12 +4,14 @@
 //! `cpr-floor`: what any restart of a KVM VMM must pay on this host, measured the way the
 //! reference VMM does it but with nothing else around: exec of a small binary in place (this
 //! one, from `execve` to its `main`),
-//! `KVM_CREATE_VM`, the in-kernel irqchip and PIT, registering the guest's memory (a memfd of
-//! the same size and page size, mapped shared) with KVM, creating the vCPUs, and setting
-//! their state (a full restore of what a fresh vCPU holds).
+//! `KVM_CREATE_VM`, registering the guest's memory (a memfd of the same size and page size,
+//! mapped shared) with KVM, the in-kernel irqchip and PIT, creating the vCPUs, and setting
+//! their state (a full restore of what a fresh vCPU holds). The memory slots come before the
+//! irqchip: in the other order the first slot also waits for the kernel, several
+//! milliseconds on this host (`--irqchip-first` measures that order).
 //!
 //! ```text
-//! cpr-floor [--memory-size BYTES] [--vcpus N] [--huge-pages 2M]
+//! cpr-floor [--memory-size BYTES] [--vcpus N] [--huge-pages 2M] [--irqchip-first]
 //! ```
 //!
 //! Prints one JSON line of microseconds: `exec`, `create-vm`, `irqchip`, `memory-slots`,
@@ -83,32 +85,42 @@ fn main() {
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     let create_vm = us(t.elapsed());
 
-    let t = Instant::now();
-    vm.set_tss_address(0xfffb_d000).expect("KVM_SET_TSS_ADDR");
-    vm.set_identity_map_address(0xfffb_c000)
-        .expect("KVM_SET_IDENTITY_MAP_ADDR");
-    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .expect("KVM_CREATE_PIT2");
-    let irqchip = us(t.elapsed());
-
-    let t = Instant::now();
-    for (slot, r) in ram.layout().regions.iter().enumerate() {
-        let (ptr, len) = ram.host_range(slot).expect("mapped");
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: r.guest_addr,
-            memory_size: len as u64,
-            userspace_addr: ptr as u64,
-            flags: 0,
-        };
-        // SAFETY: the mapping belongs to `ram`, which outlives the VM (dropped after it).
-        unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
-    }
-    let memory_slots = us(t.elapsed());
+    let slots = || {
+        let t = Instant::now();
+        for (slot, r) in ram.layout().regions.iter().enumerate() {
+            let (ptr, len) = ram.host_range(slot).expect("mapped");
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: r.guest_addr,
+                memory_size: len as u64,
+                userspace_addr: ptr as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping belongs to `ram`, which outlives the VM (dropped after it).
+            unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
+        }
+        us(t.elapsed())
+    };
+    let irqchip = || {
+        let t = Instant::now();
+        vm.set_tss_address(0xfffb_d000).expect("KVM_SET_TSS_ADDR");
+        vm.set_identity_map_address(0xfffb_c000)
+            .expect("KVM_SET_IDENTITY_MAP_ADDR");
+        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .expect("KVM_CREATE_PIT2");
+        us(t.elapsed())
+    };
+    let (memory_slots, irqchip) = if std::env::args().any(|a| a == "--irqchip-first") {
+        let i = irqchip();
+        (slots(), i)
+    } else {
+        let m = slots();
+        (m, irqchip())
+    };
 
     let t = Instant::now();
     let fds: Vec<_> = (0..vcpus)

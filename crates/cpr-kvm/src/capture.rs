@@ -7,9 +7,9 @@ use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
     KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 
 use crate::error::{kvm, Error, Result};
 use crate::state::{from_blob, to_blob, CpuidEntry, FpuState, VcpuState, VmState};
@@ -33,6 +33,9 @@ pub struct HostCaps {
     pub debugregs: bool,
     /// `KVM_CAP_VCPU_EVENTS`.
     pub vcpu_events: bool,
+    /// `KVM_CAP_SYNC_REGS` with registers, system registers and events: `KVM_RUN` can hand
+    /// them back in `kvm_run` (see [`complete_and_capture`]).
+    pub sync_regs: bool,
 }
 
 impl HostCaps {
@@ -47,6 +50,10 @@ impl HostCaps {
             xcrs: kvm.check_extension(Cap::Xcrs),
             debugregs: kvm.check_extension(Cap::Debugregs),
             vcpu_events: kvm.check_extension(Cap::VcpuEvents),
+            sync_regs: {
+                let want = (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS) as i32;
+                kvm.check_extension_int(Cap::SyncRegs) & want == want
+            },
         })
     }
 }
@@ -69,6 +76,35 @@ pub enum ClockPolicy {
 pub struct Report {
     /// MSRs the kernel refused to read or write.
     pub refused_msrs: Vec<u32>,
+}
+
+/// What a vCPU was configured with outside its saved state: the CPUID the VMM set and the
+/// TSC frequency it runs at. Neither changes once the vCPU has run (KVM refuses a different
+/// CPUID after the first `KVM_RUN`), so a VMM that records them here lets
+/// [`capture_vcpu_with`] and [`restore_vcpu_with`] skip the ioctls that would only read or
+/// rewrite them: on a restore into a vCPU [`configure`](Self::configure)d before the pause,
+/// `KVM_SET_CPUID2` (one of the dearest vCPU ioctls) leaves the blackout.
+///
+/// The saved state always wins: a restore whose state holds another CPUID or frequency sets
+/// it and updates the record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuConfig {
+    /// The CPUID set with `KVM_SET_CPUID2`, if known.
+    pub cpuid: Option<Vec<CpuidEntry>>,
+    /// The TSC frequency (`KVM_GET_TSC_KHZ`), if known.
+    pub tsc_khz: Option<u32>,
+}
+
+impl VcpuConfig {
+    /// Sets `cpuid` on `vcpu` (which has not run yet) and records it with the vCPU's TSC
+    /// frequency.
+    pub fn configure(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<VcpuConfig> {
+        vcpu.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        Ok(VcpuConfig {
+            cpuid: Some(cpuid.as_slice().iter().map(CpuidEntry::from_kvm).collect()),
+            tsc_khz: vcpu.get_tsc_khz().ok().filter(|k| *k != 0),
+        })
+    }
 }
 
 /// Reads `indices` in one ioctl, dropping any the kernel refuses (reported in `refused`).
@@ -120,44 +156,107 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)], refused: &mut Vec<u32>) -> Res
 /// Captures everything KVM holds for `vcpu` (which must not be running: stop it first, and
 /// complete any pending I/O with [`crate::complete_pending_io`]).
 pub fn capture_vcpu(vcpu: &VcpuFd, id: u32, caps: &HostCaps) -> Result<(VcpuState, Report)> {
+    capture_vcpu_with(vcpu, id, caps, &VcpuConfig::default())
+}
+
+/// [`capture_vcpu`], taking the CPUID and TSC frequency from `known` where it has them
+/// instead of asking KVM.
+pub fn capture_vcpu_with(
+    vcpu: &VcpuFd,
+    id: u32,
+    caps: &HostCaps,
+    known: &VcpuConfig,
+) -> Result<(VcpuState, Report)> {
+    capture(vcpu, id, caps, known, None)
+}
+
+/// What the host is asked for, in one pause: completes pending I/O as
+/// [`complete_pending_io`](crate::complete_pending_io) does, then captures as
+/// [`capture_vcpu_with`]. Where the host has `KVM_CAP_SYNC_REGS` the I/O-completing
+/// `KVM_RUN` hands back the registers, system registers and events in `kvm_run` (the same
+/// kernel functions fill them as their ioctls), sparing three ioctls per vCPU inside the
+/// blackout.
+pub fn complete_and_capture(
+    vcpu: &mut VcpuFd,
+    id: u32,
+    caps: &HostCaps,
+    known: &VcpuConfig,
+) -> Result<(VcpuState, Report)> {
+    if !caps.sync_regs {
+        crate::complete_pending_io(vcpu)?;
+        return capture(vcpu, id, caps, known, None);
+    }
+    vcpu.set_sync_valid_reg(SyncReg::Register);
+    vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+    vcpu.set_sync_valid_reg(SyncReg::VcpuEvents);
+    let ran = crate::complete_pending_io(vcpu);
+    let synced = vcpu.sync_regs();
+    // Ordinary exits do not pay for the copy.
+    vcpu.clear_sync_valid_reg(SyncReg::Register);
+    vcpu.clear_sync_valid_reg(SyncReg::SystemRegister);
+    vcpu.clear_sync_valid_reg(SyncReg::VcpuEvents);
+    ran?;
+    capture(vcpu, id, caps, known, Some(&synced))
+}
+
+fn capture(
+    vcpu: &VcpuFd,
+    id: u32,
+    caps: &HostCaps,
+    known: &VcpuConfig,
+    synced: Option<&kvm_bindings::kvm_sync_regs>,
+) -> Result<(VcpuState, Report)> {
     let mut report = Report::default();
-    let cpuid = vcpu
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_CPUID2"))?
-        .as_slice()
-        .iter()
-        .map(|e| CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect();
+    let cpuid = match &known.cpuid {
+        Some(c) => c.clone(),
+        None => vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_CPUID2"))?
+            .as_slice()
+            .iter()
+            .map(CpuidEntry::from_kvm)
+            .collect(),
+    };
     let xsave = optional(caps.xsave, "KVM_GET_XSAVE", || vcpu.get_xsave())?;
     let xcrs = optional(caps.xcrs, "KVM_GET_XCRS", || vcpu.get_xcrs())?;
     let debugregs = optional(caps.debugregs, "KVM_GET_DEBUGREGS", || {
         vcpu.get_debug_regs()
     })?;
-    let events = optional(caps.vcpu_events, "KVM_GET_VCPU_EVENTS", || {
-        vcpu.get_vcpu_events()
-    })?;
+    let events = match synced {
+        Some(s) if caps.vcpu_events => to_blob(&s.events),
+        _ => optional(caps.vcpu_events, "KVM_GET_VCPU_EVENTS", || {
+            vcpu.get_vcpu_events()
+        })?,
+    };
+    // XSAVE holds the legacy FPU image too.
+    let fpu = match FpuState::from_xsave(&xsave) {
+        Some(f) => f,
+        None => FpuState::from_kvm(&vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?),
+    };
+    let (regs, sregs) = match synced {
+        Some(s) => (to_blob(&s.regs), to_blob(&s.sregs)),
+        None => (
+            to_blob(&vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?),
+            to_blob(&vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?),
+        ),
+    };
     let state = VcpuState {
         id,
         cpuid,
         mp_state: to_blob(&vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?),
-        regs: to_blob(&vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?),
-        sregs: to_blob(&vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?),
-        fpu: FpuState::from_kvm(&vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?),
+        regs,
+        sregs,
+        fpu,
         xsave,
         xcrs,
         debugregs,
         lapic: to_blob(&vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?),
         msrs: read_msrs(vcpu, &caps.msr_index_list, &mut report.refused_msrs)?,
         events,
-        tsc_khz: vcpu.get_tsc_khz().ok().filter(|k| *k != 0),
+        tsc_khz: match known.tsc_khz {
+            Some(k) => Some(k),
+            None => vcpu.get_tsc_khz().ok().filter(|k| *k != 0),
+        },
     };
     Ok((state, report))
 }
@@ -184,14 +283,37 @@ pub fn restore_vcpu(
     policy: ClockPolicy,
     elapsed_ns: u64,
 ) -> Result<Report> {
-    let mut report = Report::default();
+    restore_vcpu_with(vcpu, state, policy, elapsed_ns, &mut VcpuConfig::default())
+}
+
+/// [`restore_vcpu`] into a vCPU configured as `known` says: the CPUID and TSC frequency are
+/// set only where the state differs from it, and `known` then records what was set.
+pub fn restore_vcpu_with(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    policy: ClockPolicy,
+    elapsed_ns: u64,
+    known: &mut VcpuConfig,
+) -> Result<Report> {
     if let Some(khz) = state.tsc_khz {
-        if vcpu.get_tsc_khz().ok() != Some(khz) {
+        let current = match known.tsc_khz {
+            Some(k) => Some(k),
+            None => vcpu.get_tsc_khz().ok(),
+        };
+        if current != Some(khz) {
             vcpu.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
         }
+        known.tsc_khz = Some(khz);
     }
-    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = state
-        .cpuid
+    if known.cpuid.as_ref() != Some(&state.cpuid) {
+        set_cpuid(vcpu, &state.cpuid)?;
+        known.cpuid = Some(state.cpuid.clone());
+    }
+    restore_after_cpuid(vcpu, state, policy, elapsed_ns)
+}
+
+fn set_cpuid(vcpu: &VcpuFd, cpuid: &[CpuidEntry]) -> Result<()> {
+    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid
         .iter()
         .map(|e| kvm_bindings::kvm_cpuid_entry2 {
             function: e.function,
@@ -206,16 +328,28 @@ pub fn restore_vcpu(
         .collect();
     let cpuid = CpuId::from_entries(&entries)
         .map_err(|e| Error::Mismatch(format!("{} CPUID entries: {e:?}", entries.len())))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))
+}
+
+fn restore_after_cpuid(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    policy: ClockPolicy,
+    elapsed_ns: u64,
+) -> Result<Report> {
+    let mut report = Report::default();
     vcpu.set_mp_state(from_blob::<kvm_mp_state>(&state.mp_state, "mp_state")?)
         .map_err(kvm("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&from_blob::<kvm_regs>(&state.regs, "regs")?)
         .map_err(kvm("KVM_SET_REGS"))?;
     vcpu.set_sregs(&from_blob::<kvm_sregs>(&state.sregs, "sregs")?)
         .map_err(kvm("KVM_SET_SREGS"))?;
-    vcpu.set_fpu(&state.fpu.to_kvm()?)
-        .map_err(kvm("KVM_SET_FPU"))?;
-    if !state.xsave.is_empty() {
+    // XSAVE supersedes the legacy FPU image; only without it is the FPU set on its own.
+    if state.xsave.is_empty() {
+        vcpu.set_fpu(&state.fpu.to_kvm()?)
+            .map_err(kvm("KVM_SET_FPU"))?;
+    } else {
+        state.fpu.to_kvm()?;
         let xsave: kvm_xsave = from_blob(&state.xsave, "xsave")?;
         // SAFETY: `xsave` is a complete 4 KiB kvm_xsave; KVM_SET_XSAVE reads only that much
         // because we never enabled KVM_CAP_XSAVE2 on this VM.

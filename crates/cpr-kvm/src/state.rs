@@ -45,6 +45,21 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+impl CpuidEntry {
+    /// The entry of a `kvm_cpuid_entry2`.
+    pub fn from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> Self {
+        CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+}
+
 /// The legacy FPU state (`kvm_fpu`), field by field (kvm-bindings gives it no byte view).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
 pub struct FpuState {
@@ -81,6 +96,27 @@ impl FpuState {
             xmm: Blob(f.xmm.concat()),
             mxcsr: f.mxcsr,
         }
+    }
+
+    /// The legacy FPU state inside an XSAVE image (its first 512 bytes are the FXSAVE
+    /// layout that `KVM_GET_FPU` reads too), sparing the `KVM_GET_FPU` ioctl. `None` if the
+    /// image is shorter than that. It is the better copy: it has MXCSR, which `KVM_GET_FPU`
+    /// leaves 0, and the reset values of components the guest has not used.
+    pub(crate) fn from_xsave(x: &[u8]) -> Option<Self> {
+        let b = x.get(..512)?;
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+        Some(FpuState {
+            fpr: Blob(b[32..160].to_vec()),
+            fcw: u16_at(0),
+            fsw: u16_at(2),
+            ftwx: b[4],
+            last_opcode: u16_at(6),
+            last_ip: u64_at(8),
+            last_dp: u64_at(16),
+            xmm: Blob(b[160..416].to_vec()),
+            mxcsr: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+        })
     }
 
     pub(crate) fn to_kvm(&self) -> Result<kvm_bindings::kvm_fpu> {

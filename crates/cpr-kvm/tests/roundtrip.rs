@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cpr_kvm::{
-    capture_vcpu, capture_vm, complete_pending_io, restore_vcpu, restore_vm, ClockPolicy, HostCaps,
-    VcpuState, VmState,
+    capture_vcpu, capture_vm, complete_and_capture, complete_pending_io, restore_vcpu, restore_vm,
+    ClockPolicy, HostCaps, VcpuConfig, VcpuState, VmState,
 };
 use cpr_memory::{GuestRam, MemoryLayout, MemoryOptions, RegionSpec};
 use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
@@ -200,8 +200,23 @@ fn restored_vcpu_finishes_like_an_uninterrupted_one() {
     boot(&kvm, &vcpu, &ram);
     let mut first = Run::default();
     run(&mut vcpu, &mut first, Some(2048));
+    // The pause's sequence: I/O completed, then captured (with the registers from kvm_run
+    // where the host syncs them). It must capture what the ioctls read.
+    let (vcpu_state, report) =
+        complete_and_capture(&mut vcpu, 0, &caps, &VcpuConfig::default()).unwrap();
+    let (by_ioctls, _) = capture_vcpu(&vcpu, 0, &caps).unwrap();
+    eprintln!("host syncs registers in kvm_run: {}", caps.sync_regs);
+    let mut a = vcpu_state.clone();
+    let mut b = by_ioctls;
+    for s in [&mut a, &mut b] {
+        s.msrs.retain(|(i, _)| *i != cpr_kvm::MSR_IA32_TSC);
+    }
+    assert!(
+        a == b,
+        "the same state through kvm_run as through the ioctls"
+    );
+    // And a second completion is a no-op: the captured state is the one after the OUT.
     complete_pending_io(&mut vcpu).unwrap();
-    let (vcpu_state, report) = capture_vcpu(&vcpu, 0, &caps).unwrap();
     eprintln!("refused MSRs on capture: {:x?}", report.refused_msrs);
     assert!(
         vcpu_state.msrs.len() >= 10,

@@ -184,6 +184,7 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     layout: MemoryLayout,
     files: Vec<Option<Arc<File>>>,
+    pub(crate) stamp_page: Option<vm_memory::mmap::MmapRegion>,
 }
 
 /// Builds [`GuestRam`]; see [`GuestRam::builder`].
@@ -297,11 +298,13 @@ impl GuestRamBuilder {
         }
         layout.validate()?;
         let memory = map_all(&layout, &files, &self.options)?;
+        let stamp_page = crate::stamp::map_stamp(&layout, files.first().and_then(Option::as_ref))?;
         created.0.clear();
         Ok(GuestRam {
             memory,
             layout,
             files,
+            stamp_page,
         })
     }
 }
@@ -782,6 +785,7 @@ impl GuestRam {
             check_stamp_room(layout, file.metadata().map_or(0, |m| m.len()))?;
         }
         let memory = map_all(layout, &opened, options)?;
+        let stamp_page = crate::stamp::map_stamp(layout, opened.first().and_then(Option::as_ref))?;
         for name in taken.keys() {
             fds.remove(*name);
         }
@@ -789,6 +793,7 @@ impl GuestRam {
             memory,
             layout: layout.clone(),
             files: opened,
+            stamp_page,
         })
     }
 
@@ -813,11 +818,6 @@ impl GuestRam {
         let file = self.files.get(index)?.as_ref()?;
         Some((file.as_fd(), self.layout.regions[index].offset))
     }
-
-    pub(crate) fn backing_file(&self, index: usize) -> Option<&File> {
-        self.files.get(index)?.as_deref()
-    }
-
     /// The memfds to preserve across an update, by name (each once).
     pub fn memfds(&self) -> Vec<(&str, BorrowedFd<'_>)> {
         let mut out: Vec<(&str, BorrowedFd<'_>)> = Vec::new();

@@ -22,6 +22,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
+
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::{FileOffset, VolatileMemory};
 
 use crate::error::{Error, Result};
 use crate::layout::{BackendKind, MemoryLayout};
@@ -222,32 +226,59 @@ impl MemoryLayout {
     }
 }
 
-impl GuestRam {
-    fn stamp_file(&self) -> Result<(&File, u64, u64)> {
-        let off = self.layout().stamp_offset;
-        if off == NO_STAMP {
-            return Err(Error::NoStamp);
-        }
-        let page = self.layout().regions[0].page_size;
-        Ok((self.backing_file(0).ok_or(Error::NoStamp)?, off, page))
+/// Maps the stamp page of `layout` (in `file`, the first region's backing) shared, for the
+/// life of a [`GuestRam`]: reading and writing the stamp during an update is then a memory
+/// copy, not an `mmap` and `munmap` inside the blackout.
+pub(crate) fn map_stamp(
+    layout: &MemoryLayout,
+    file: Option<&Arc<File>>,
+) -> Result<Option<MmapRegion>> {
+    if layout.stamp_offset == NO_STAMP {
+        return Ok(None);
     }
+    let r = layout.regions.first().ok_or(Error::Empty)?;
+    let file = file.ok_or(Error::NoStamp)?;
+    let page = usize::try_from(r.page_size).map_err(|_| Error::NoStamp)?;
+    let huge = r.kind == BackendKind::Hugetlbfs
+        || (r.kind == BackendKind::Memfd && r.page_size > sys::base_page_size());
+    MmapRegionBuilder::new(page)
+        .with_file_offset(FileOffset::from_arc(file.clone(), layout.stamp_offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .with_hugetlbfs(huge)
+        .build()
+        .map(Some)
+        .map_err(|e| Error::Os {
+            index: 0,
+            name: r.name.clone(),
+            op: "map the stamp page",
+            source: std::io::Error::other(e.to_string()),
+        })
+}
 
-    /// Writes `stamp` into the stamp page.
-    pub fn write_stamp(&self, stamp: &Stamp) -> Result<()> {
-        let (file, off, page) = self.stamp_file()?;
-        let mut b = stamp.encode();
-        sys::through_mapping(file.as_fd(), off, page, &mut b, true).map_err(|source| Error::Os {
+impl GuestRam {
+    fn stamp_page(&self) -> Result<vm_memory::VolatileSlice<'_>> {
+        let page = self.stamp_page.as_ref().ok_or(Error::NoStamp)?;
+        page.get_slice(0, STAMP_LEN).map_err(|e| Error::Os {
             index: 0,
             name: self.layout().regions[0].name.clone(),
-            op: "write the stamp",
-            source,
+            op: "reach the stamp",
+            source: std::io::Error::other(e.to_string()),
         })
+    }
+
+    /// Writes `stamp` into the stamp page (a copy into memory mapped since the build or
+    /// reattach).
+    pub fn write_stamp(&self, stamp: &Stamp) -> Result<()> {
+        self.stamp_page()?.copy_from(&stamp.encode());
+        Ok(())
     }
 
     /// Reads the stamp page (`None` if it holds no stamp).
     pub fn read_stamp(&self) -> Result<Option<Stamp>> {
-        let (file, off, page) = self.stamp_file()?;
-        read_at(file, off, page, &self.layout().regions[0].name)
+        let mut b = [0u8; STAMP_LEN];
+        self.stamp_page()?.copy_to(&mut b[..]);
+        Ok(Stamp::decode(&b))
     }
 }
 

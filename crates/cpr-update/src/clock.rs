@@ -35,15 +35,22 @@ pub fn realtime_ns() -> u64 {
 }
 
 /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), which changes at every boot;
-/// empty if it cannot be read. Test builds may fake it with [`TEST_BOOT_ID_ENV`].
+/// empty if it cannot be read. Read once per process (a process never outlives its boot),
+/// so taking a [`StopTime`] inside the blackout costs no file I/O. Test builds may fake it
+/// with [`TEST_BOOT_ID_ENV`].
 pub fn boot_id() -> String {
     #[cfg(feature = "fault-injection")]
     if let Some(v) = std::env::var_os(TEST_BOOT_ID_ENV) {
         return v.to_string_lossy().into_owned();
     }
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// When the vCPUs stopped.

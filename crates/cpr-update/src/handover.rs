@@ -9,7 +9,11 @@
 //!
 //! ```text
 //! magic "CPRUHO01" (8) | attempt u8 | argc u16 | argc × (len u16, bytes) | error len u32 | error
+//! [| exec_ns u64]
 //! ```
+//!
+//! `exec_ns` (optional: records without it are read too) is the `CLOCK_MONOTONIC` time
+//! just before the `execve`, for the report's `exec` phase.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -37,6 +41,8 @@ pub struct Record {
     pub argv: Vec<OsString>,
     /// Why the new image failed (in a fallback).
     pub error: Option<String>,
+    /// `CLOCK_MONOTONIC` ns just before the `execve` (0: not recorded).
+    pub exec_ns: u64,
 }
 
 impl Record {
@@ -59,6 +65,9 @@ impl Record {
         let e = &e[..e.len().min(64 << 10)];
         out.extend_from_slice(&(e.len() as u32).to_le_bytes());
         out.extend_from_slice(e);
+        if self.exec_ns != 0 {
+            out.extend_from_slice(&self.exec_ns.to_le_bytes());
+        }
         out
     }
 
@@ -69,14 +78,7 @@ impl Record {
             return Err(bad("too large"));
         }
         let mut c = b;
-        let mut take = |n: usize| -> Result<&[u8]> {
-            if c.len() < n {
-                return Err(bad("truncated"));
-            }
-            let (h, t) = c.split_at(n);
-            c = t;
-            Ok(h)
-        };
+        let mut take = |n: usize| -> Result<&[u8]> { take_from(&mut c, n) };
         if take(8)? != MAGIC {
             return Err(bad("bad magic"));
         }
@@ -97,15 +99,27 @@ impl Record {
         let n = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
         let e = take(n)?;
         let error = (!e.is_empty()).then(|| String::from_utf8_lossy(e).into_owned());
-        if !c.is_empty() {
-            return Err(bad("trailing bytes"));
-        }
+        let exec_ns = match c.len() {
+            0 => 0,
+            8 => u64::from_le_bytes(c.try_into().map_err(|_| bad("truncated"))?),
+            _ => return Err(bad("trailing bytes")),
+        };
         Ok(Record {
             attempt,
             argv,
             error,
+            exec_ns,
         })
     }
+}
+
+fn take_from<'a>(c: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if c.len() < n {
+        return Err(Error::Handover("truncated"));
+    }
+    let (h, t) = c.split_at(n);
+    *c = t;
+    Ok(h)
 }
 
 #[cfg(test)]
@@ -118,11 +132,23 @@ mod tests {
             attempt: 1,
             argv: vec!["/usr/bin/vmm".into(), "run".into(), "--x=é".into()],
             error: Some("state version 9 is not supported".into()),
+            exec_ns: 0,
         };
         let b = r.encode();
         assert_eq!(Record::decode(&b).unwrap(), r);
         for cut in 0..b.len() {
             assert!(Record::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        // With the exec time: read back; cut inside it, refused.
+        let timed = Record {
+            exec_ns: 0x1234_5678_9abc,
+            ..r.clone()
+        };
+        let t = timed.encode();
+        assert_eq!(t.len(), b.len() + 8);
+        assert_eq!(Record::decode(&t).unwrap(), timed);
+        for cut in b.len() + 1..t.len() {
+            assert!(Record::decode(&t[..cut]).is_err(), "cut at {cut}");
         }
         let mut extra = b.clone();
         extra.push(0);
@@ -134,6 +160,7 @@ mod tests {
             attempt: 0,
             argv: vec![],
             error: None,
+            exec_ns: 0,
         };
         assert!(Record::decode(&empty.encode()).is_err());
     }

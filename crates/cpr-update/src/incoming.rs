@@ -201,6 +201,9 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
     let (state_file, bytes) = read_memfd(state.into_fd(), schema.limits().max_total, "state")?;
 
     let mut marks = Marks::default();
+    if record.exec_ns != 0 {
+        marks.at("exec", record.exec_ns);
+    }
     marks.at("start", opts.started_ns);
     // Everything the previous image handed over, intact, in case we must go back.
     let backup = match (&previous, record.attempt) {
@@ -263,6 +266,7 @@ fn fall_back(
             attempt: 1,
             argv: record.argv.clone(),
             error: Some(error.to_string()),
+            exec_ns: monotonic_ns(),
         };
         let memfd = cpr_fd::sealed_memfd("cpr-update-handover", &back.encode())?;
         reg.register(FD_HANDOVER, FdKind::STATE, memfd.into(), b"")?;

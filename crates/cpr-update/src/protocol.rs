@@ -516,8 +516,9 @@ fn max_payload(kind: Kind, max_container: u64) -> u64 {
 }
 
 /// Reads one frame from `r`. The payload is allocated only once its length passed the cap
-/// for its type (`max_container` for the containers in `MEMORY` and `STATE`), and grows
-/// with the bytes actually received.
+/// for its type (`max_container` for the containers in `MEMORY` and `STATE`): at once up to
+/// 1 MiB (so a state arrives in one read), beyond that growing with the bytes actually
+/// received.
 pub fn read_message<R: Read>(r: &mut R, max_container: u64) -> Result<Message, ProtocolError> {
     let mut head = [0u8; HEADER_LEN];
     r.read_exact(&mut head).map_err(ProtocolError::Io)?;
@@ -532,7 +533,7 @@ pub fn read_message<R: Read>(r: &mut R, max_container: u64) -> Result<Message, P
     if len > max {
         return Err(ProtocolError::TooLarge { kind, len, max });
     }
-    let mut payload = Vec::new();
+    let mut payload = Vec::with_capacity(len.min(1 << 20) as usize);
     let got = r
         .take(len)
         .read_to_end(&mut payload)

@@ -178,6 +178,7 @@ fn a_state_for_another_mode_is_refused() {
         attempt: 0,
         argv: vec!["toy".into()],
         error: None,
+        exec_ns: 0,
     };
     for (name, bytes) in [
         (cpr_update::handover::FD_STATE, bytes.clone()),
