@@ -241,7 +241,9 @@ impl Bench {
             vm.qmp
                 .execute("cpr-save", json!({"mode": "reboot", "path": "vm.state"}))
                 .expect("save");
-            wait_exit(&mut vm.child, Duration::from_secs(60)).expect("old VMM exits");
+            // Blocking, not polled: the next process starts the moment the old one is gone,
+            // as a service manager would start it.
+            vm.child.wait().expect("old VMM exits");
             let mut a = args.clone();
             a.extend([
                 "--incoming".into(),

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
 
 use cpr_memory::{GuestRam, MemoryOptions};
 use cpr_snapshot::Schema;
@@ -300,6 +301,9 @@ impl Vmm {
             }
             if let Some(req) = request {
                 if let Some(outcome) = self.command(req) {
+                    if let Some(m) = self.machine.take() {
+                        m.retire();
+                    }
                     return Ok(outcome);
                 }
             }
@@ -358,6 +362,9 @@ impl Vmm {
             "cpr-load" => args(&["path"]).and_then(|()| self.cpr_load(&req.arguments)),
             "x-demo-status" => args(&[]).and_then(|()| self.demo_status()),
             "x-demo-reset-gap" => args(&[]).and_then(|()| self.demo_reset_gap()),
+            "x-guest-read" => {
+                args(&["addr", "size"]).and_then(|()| self.guest_read(&req.arguments))
+            }
             "x-vfio-status" => args(&[]).and_then(|()| {
                 self.passthrough
                     .as_ref()
@@ -491,6 +498,28 @@ impl Vmm {
         }))
     }
 
+    /// Up to 4 KiB of guest memory at a guest physical address, as hex (as QEMU's `xp`):
+    /// for checking from outside that memory is where it was.
+    fn guest_read(&self, args: &Map<String, Value>) -> std::result::Result<Value, QmpError> {
+        let num = |k: &str| {
+            args.get(k)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| q(format!("`{k}` must be a non-negative integer")))
+        };
+        let (addr, size) = (num("addr")?, num("size")?);
+        if size == 0 || size > 4096 {
+            return Err(q("`size` must be 1 to 4096"));
+        }
+        let mut buf = vec![0u8; size as usize];
+        self.machine()?
+            .ram
+            .memory()
+            .read_slice(&mut buf, GuestAddress(addr))
+            .map_err(|_| q(format!("{size} bytes at {addr:#x} are not all guest RAM")))?;
+        let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(json!({ "data": hex }))
+    }
+
     fn demo_reset_gap(&self) -> std::result::Result<Value, QmpError> {
         DemoStatus::reset_gap(self.machine()?.ram.memory()).map_err(q)?;
         Ok(json!({}))
@@ -525,6 +554,7 @@ pub const COMMANDS: &[&str] = &[
     "cpr-load",
     "x-demo-status",
     "x-demo-reset-gap",
+    "x-guest-read",
     "x-vfio-status",
     "query-commands",
 ];

@@ -841,4 +841,16 @@ impl GuestRam {
             .ok()?;
         Some((ptr, region.len() as usize))
     }
+    /// Every mapping this `GuestRam` holds: the regions and the stamp page, as (host
+    /// address, length). For a process that must drop them without running destructors
+    /// (a forked child, say).
+    pub fn mappings(&self) -> Vec<(*mut u8, usize)> {
+        let mut m: Vec<(*mut u8, usize)> = (0..self.layout.regions.len())
+            .filter_map(|i| self.host_range(i))
+            .collect();
+        if let Some(page) = &self.stamp_page {
+            m.push((page.as_ptr(), page.size()));
+        }
+        m
+    }
 }
