@@ -70,6 +70,21 @@ struct Samples {
     start_to_run: Vec<u64>,
     /// Phases, µs after the stop.
     phases: BTreeMap<String, Vec<u64>>,
+    /// From the `STOP` event's timestamp to the `RESUME` event's, µs (as QEMU is measured).
+    events: Vec<u64>,
+}
+
+/// A QMP event's timestamp, µs.
+fn timestamp_us(ev: &Value) -> u64 {
+    ev["timestamp"]["seconds"].as_u64().unwrap_or(0) * 1_000_000
+        + ev["timestamp"]["microseconds"].as_u64().unwrap_or(0)
+}
+
+/// STOP to RESUME of the update just answered, from the events on `q`.
+fn events_us(q: &mut QmpClient) -> Option<u64> {
+    let stop = q.wait_event("STOP", Duration::from_secs(10)).ok()?;
+    let resume = q.wait_event("RESUME", Duration::from_secs(10)).ok()?;
+    Some(timestamp_us(&resume).saturating_sub(timestamp_us(&stop)))
 }
 
 fn stats(v: &[u64]) -> Option<(u64, u64, u64)> {
@@ -90,6 +105,9 @@ struct Bench {
     exe: PathBuf,
     updates: usize,
     out: std::fs::File,
+    /// Our medians to set beside QEMU's, µs, by (mode, size), 4 KiB pages: STOP to RESUME
+    /// events for restart and transfer, the whole outage for a reboot.
+    ours: BTreeMap<(String, u64), u64>,
 }
 
 fn wait_lines(q: &mut QmpClient, n: u64) -> Status {
@@ -167,11 +185,13 @@ impl Bench {
                 .execute("x-demo-reset-gap", json!({}))
                 .expect("reset");
             wait_lines(&mut vm.qmp, 2);
+            vm.qmp.clear_events();
             let r = vm
                 .qmp
                 .execute("cpr-save", json!({"mode": "restart"}))
                 .expect("restart");
             record(&mut s, &r);
+            s.events.extend(events_us(&mut vm.qmp));
             wait_lines(&mut vm.qmp, 2);
             s.guest.push(gap_us(&mut vm.qmp));
         }
@@ -204,6 +224,7 @@ impl Bench {
                 &dir.path().join(format!("new{i}.log")),
             )
             .expect("start the new VMM");
+            vm.qmp.clear_events();
             let r = vm
                 .qmp
                 .execute(
@@ -212,6 +233,7 @@ impl Bench {
                 )
                 .expect("transfer");
             record(&mut s, &r);
+            s.events.extend(events_us(&mut vm.qmp));
             wait_exit(&mut vm.child, Duration::from_secs(60)).expect("old VMM exits");
             std::mem::swap(&mut vm.child, &mut next);
             wait_lines(&mut vm.qmp, 2);
@@ -320,7 +342,17 @@ impl Bench {
         if let Some(r) = run {
             print!("  start->running {} ms ({:.2}x floor)", ms(r), ratio(r));
         }
+        let events = stats(&s.events).map(|x| x.0);
+        if let Some(e) = events {
+            print!("  STOP->RESUME events {} ms", ms(e));
+        }
         println!();
+        if pages == Pages::Small {
+            let ours = if mode == "reboot" { Some(med) } else { events };
+            if let Some(o) = ours {
+                self.ours.insert((mode.to_string(), size), o);
+            }
+        }
         let phases: BTreeMap<&String, u64> = s
             .phases
             .iter()
@@ -340,7 +372,7 @@ impl Bench {
             "mode": mode, "size": size, "pages": pages.name(), "n": s.blackout.len(),
             "blackout_us": {"median": med, "p90": p90, "max": max},
             "guest_gap_us_median": guest, "floor_us": floor, "ratio_to_floor": ratio(med),
-            "start_to_running_us": run, "phases_us": phases,
+            "start_to_running_us": run, "phases_us": phases, "events_us_median": events,
         });
         let _ = writeln!(self.out, "{line}");
     }
@@ -430,6 +462,7 @@ fn main() {
         exe: std::env::current_exe().expect("own path"),
         updates,
         out,
+        ours: BTreeMap::new(),
     };
     println!(
         "blackout: {updates} updates per case, sizes {:?} GiB, 2 vCPUs, demo guest (16 KiB span)",
@@ -478,7 +511,23 @@ fn main() {
         }
     }
     if std::env::var_os("CPR_BENCH_QEMU").is_some() {
-        qemu::run(&sizes, updates, &mut bench.out);
+        let theirs = qemu::run(&sizes, updates, &mut bench.out);
+        for ((mode, size), q) in &theirs {
+            if let Some(o) = bench.ours.get(&(mode.clone(), *size)) {
+                let what = if mode == "reboot" {
+                    "stop to running"
+                } else {
+                    "STOP->RESUME events"
+                };
+                println!(
+                    "ours/QEMU {mode:<8} {:>4} GiB  {what}: {} ms / {} ms = {:.2}",
+                    size / GIB,
+                    ms(*o),
+                    ms(*q),
+                    *o as f64 / (*q).max(1) as f64
+                );
+            }
+        }
     }
 }
 
@@ -502,11 +551,6 @@ mod qemu {
                 None
             }
         })
-    }
-
-    fn timestamp_us(ev: &Value) -> u64 {
-        ev["timestamp"]["seconds"].as_u64().unwrap_or(0) * 1_000_000
-            + ev["timestamp"]["microseconds"].as_u64().unwrap_or(0)
     }
 
     fn start(
@@ -542,10 +586,16 @@ mod qemu {
         (child, q)
     }
 
-    pub fn run(sizes: &[u64], updates: usize, out: &mut std::fs::File) {
+    /// Measures QEMU; returns its medians (µs) by (mode, size).
+    pub fn run(
+        sizes: &[u64],
+        updates: usize,
+        out: &mut std::fs::File,
+    ) -> BTreeMap<(String, u64), u64> {
+        let mut medians = BTreeMap::new();
         let Some(qemu) = binary() else {
             println!("SKIPPED QEMU: qemu-system-x86_64 is not installed and could not be");
-            return;
+            return medians;
         };
         let version = Command::new(&qemu)
             .arg("--version")
@@ -718,6 +768,8 @@ mod qemu {
                 ("qemu cpr-reboot", &reboot),
             ] {
                 if let Some((m, p, x)) = stats(v) {
+                    let short = mode.trim_start_matches("qemu cpr-").to_string();
+                    medians.insert((short, size), m);
                     println!(
                         "{mode:<17} {:>4} GiB  n={:<3} STOP->RESUME median {:>8} ms  p90 {:>8}  max {:>8}",
                         size / GIB,
@@ -734,5 +786,6 @@ mod qemu {
                 }
             }
         }
+        medians
     }
 }

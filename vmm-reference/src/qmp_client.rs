@@ -155,4 +155,9 @@ impl QmpClient {
     pub fn events(&self) -> impl Iterator<Item = &Value> {
         self.events.iter()
     }
+
+    /// Forgets the events received so far.
+    pub fn clear_events(&mut self) {
+        self.events.clear();
+    }
 }
