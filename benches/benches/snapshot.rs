@@ -10,7 +10,7 @@ use cpr_snapshot::{Blob, Schema, Snapshot, SnapshotWriter};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// Shaped like a KVM vCPU: general registers, special registers, XSAVE, LAPIC and MSRs.
-#[derive(Clone, Debug, Versionize)]
+#[derive(Clone, Debug, State)]
 struct Vcpu {
     regs: [u64; 18],
     sregs: Blob,
@@ -23,7 +23,7 @@ impl Section for Vcpu {
 }
 
 /// Shaped like a device with a large buffer (a virtio queue area, a framebuffer slice).
-#[derive(Clone, Debug, Versionize)]
+#[derive(Clone, Debug, State)]
 struct Device {
     config: [u32; 16],
     buffer: Blob,

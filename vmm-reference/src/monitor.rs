@@ -69,7 +69,7 @@ pub struct Request {
 }
 
 /// Input a client sent that the previous image read but did not run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct CarriedInput {
     /// The client.
     pub client: u64,
@@ -82,7 +82,7 @@ pub struct CarriedInput {
 }
 
 /// Output the previous image had not yet written to a client.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct CarriedOutput {
     /// The client.
     pub client: u64,
@@ -91,12 +91,12 @@ pub struct CarriedOutput {
 }
 
 /// Monitor input and output carried across a restart or transfer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct MonitorSection {
     /// One entry per client with carried input.
     pub clients: Vec<CarriedInput>,
     /// One entry per client with pending output (added in version 2).
-    #[version(start = 2, default_fn = "no_output")]
+    #[state(since = 2, default = "no_output")]
     pub output: Vec<CarriedOutput>,
 }
 

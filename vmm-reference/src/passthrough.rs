@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 
 /// The kernel model's state, when `--vfio-model` stands in for the kernel (tests only).
 /// Section `vfio-model-kernel`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct ModelSection {
     /// `Model::save` bytes.
     pub bytes: Blob,

@@ -71,7 +71,7 @@ impl std::str::FromStr for SerialConfig {
 }
 
 /// Serial register state, saved as section `serial`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct SerialSection {
     /// Divisor latch, low byte.
     pub divisor_low: u8,
@@ -96,7 +96,7 @@ pub struct SerialSection {
     /// Lines the guest has printed (the `next` build's new field, type version 2; an older
     /// state gives 0).
     #[cfg(feature = "next")]
-    #[version(start = 2, default_fn = "no_lines")]
+    #[state(since = 2, default = "no_lines")]
     pub lines_out: u64,
 }
 

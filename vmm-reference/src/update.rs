@@ -50,7 +50,7 @@ pub const VERSION: &str = if cfg!(feature = "next") {
 };
 
 /// VMM configuration a restored VM keeps. Section `vmm-config`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct VmmConfigSection {
     /// vCPU count.
     pub vcpus: u32,
@@ -59,13 +59,13 @@ pub struct VmmConfigSection {
     /// Serial backend, as on the command line.
     pub serial: String,
     /// Memory backend, as on the command line (version 2).
-    #[version(start = 2, default_fn = "default_string")]
+    #[state(since = 2, default = "default_string")]
     pub memory: String,
     /// Guest RAM size (version 2).
-    #[version(start = 2, default_fn = "default_u64")]
+    #[state(since = 2, default = "default_u64")]
     pub memory_size: u64,
     /// Huge page size of a memfd backend, 0 for none (version 2).
-    #[version(start = 2, default_fn = "default_u64")]
+    #[state(since = 2, default = "default_u64")]
     pub huge_pages: u64,
 }
 
@@ -84,7 +84,7 @@ impl Section for VmmConfigSection {
 
 /// The monitor client waiting for the answer to the command that started the update.
 /// Section `qmp-reply`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct ReplySection {
     /// The client.
     pub client: u64,
@@ -99,7 +99,7 @@ impl Section for ReplySection {
 /// What a `next` build adds: statistics an older build can do without. Section
 /// `vmm-stats`, skippable, from state version 3.
 #[cfg(feature = "next")]
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct StatsSection {
     /// Updates this guest went through in `next` builds.
     pub updates: u64,
@@ -331,6 +331,9 @@ impl Vmm {
             .as_ref()
             .and_then(|m| m.ram.check_mode(memory_mode(mode)).ok())
             .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     fn config_section(&self, m: &Machine) -> VmmConfigSection {

@@ -10,6 +10,7 @@ use crate::FdIdentity;
 
 /// Errors from the registry, exec, reclaim and transfer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A name is already registered.
     #[error("fd name `{0}` is already registered")]
@@ -64,7 +65,7 @@ pub enum Error {
         /// The fd number.
         fd: i32,
         /// Why it was refused.
-        reason: String,
+        reason: NotManifest,
     },
     /// The manifest is larger than the cap.
     #[error("fd manifest of {len} bytes exceeds the cap of {max} bytes")]
@@ -74,12 +75,14 @@ pub enum Error {
         /// The cap.
         max: u64,
     },
-    /// The manifest's container is corrupt or of an unknown version.
-    #[error("fd manifest is unreadable: {0}")]
-    Manifest(#[source] cpr_snapshot::Error),
-    /// The manifest decodes but its content is inconsistent.
-    #[error("fd manifest is invalid: {0}")]
-    ManifestInvalid(String),
+    /// The manifest is malformed or inconsistent.
+    #[error("fd manifest is invalid at byte {offset}: {problem}")]
+    ManifestInvalid {
+        /// Where in the manifest (0 for what concerns it as a whole).
+        offset: usize,
+        /// What is wrong.
+        problem: ManifestProblem,
+    },
     /// An fd the manifest lists is not open.
     #[error("fd `{name}` (number {fd}) listed in the manifest is not open")]
     FdMissing {
@@ -130,6 +133,73 @@ pub enum Error {
         count: usize,
         /// The cap.
         max: usize,
+    },
+}
+
+/// Why an fd named as the manifest is not one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotManifest {
+    /// The fd is not open.
+    #[error("it is not open")]
+    Closed,
+    /// It is not a memfd.
+    #[error("it is not a memfd")]
+    NotMemfd,
+    /// It is a memfd of another name.
+    #[error("it is the memfd `{0}`")]
+    WrongName(String),
+    /// Its seals do not forbid writing, growing and shrinking.
+    #[error("it is not sealed against writes and resizing (seals {0:#x})")]
+    NotSealed(u32),
+}
+
+/// What is wrong with a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestProblem {
+    /// It does not start with the manifest magic.
+    #[error("not a cpr-fd manifest (bad magic)")]
+    BadMagic,
+    /// A format version this build does not read.
+    #[error("format version {0}, this build reads 1")]
+    UnsupportedVersion(u16),
+    /// It ends inside a record.
+    #[error("truncated")]
+    Truncated,
+    /// Bytes follow the last record.
+    #[error("trailing bytes")]
+    TrailingBytes,
+    /// More records than fds can be held.
+    #[error("{0} records, more than {max}", max = crate::registry::MAX_RECORDS)]
+    TooManyRecords(u32),
+    /// A record's name is not a valid fd name.
+    #[error("invalid name {0:?}")]
+    InvalidName(String),
+    /// Two records have one name.
+    #[error("name `{0}` appears twice")]
+    DuplicateName(String),
+    /// Two records have one fd number (or position).
+    #[error("fd {0} appears twice")]
+    DuplicateFd(i32),
+    /// A record's metadata is over the cap.
+    #[error("metadata of `{0}` is too large")]
+    MetadataTooLarge(String),
+    /// A record claims an fd the process must not give away (stdio, the manifest itself).
+    #[error("`{name}` claims fd {fd}")]
+    ReservedFd {
+        /// The entry.
+        name: String,
+        /// The fd.
+        fd: i32,
+    },
+    /// A transfer's records do not match the fds it announced.
+    #[error("{records} records for {fds} fds, or records out of order")]
+    CountMismatch {
+        /// Records in the manifest.
+        records: usize,
+        /// fds announced.
+        fds: usize,
     },
 }
 

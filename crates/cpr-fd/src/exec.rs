@@ -247,20 +247,26 @@ fn reclaim_value(value: &OsStr) -> Result<FdRegistry> {
     if fd <= 2 {
         return Err(bad());
     }
-    let not_manifest = |reason: String| Error::NotManifest {
+    let not_manifest = |reason: crate::error::NotManifest| Error::NotManifest {
         var: MANIFEST_ENV,
         fd,
         reason,
     };
     if sys::fd_flags(fd).is_none() {
-        return Err(not_manifest("it is not open".into()));
+        return Err(not_manifest(crate::error::NotManifest::Closed));
     }
-    if sys::seals(fd) != Some(sys::MANIFEST_SEALS) {
-        return Err(not_manifest("it is not a sealed memfd".into()));
+    match sys::seals(fd) {
+        None => return Err(not_manifest(crate::error::NotManifest::NotMemfd)),
+        Some(s) if s != sys::MANIFEST_SEALS => {
+            return Err(not_manifest(crate::error::NotManifest::NotSealed(s as u32)))
+        }
+        Some(_) => {}
     }
     let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
     if !link.to_string_lossy().starts_with("/memfd:cpr-fd-manifest") {
-        return Err(not_manifest(format!("it is {}", link.display())));
+        return Err(not_manifest(crate::error::NotManifest::WrongName(
+            link.to_string_lossy().into_owned(),
+        )));
     }
     // SAFETY: fd is open, is a sealed memfd named as ours, and the previous image handed it
     // to us through the variable, which has been removed so nobody else will claim it.
@@ -283,10 +289,13 @@ fn reclaim_value(value: &OsStr) -> Result<FdRegistry> {
     let mut matched = Vec::with_capacity(m.records.len());
     for r in &m.records {
         let err = if r.fd <= 2 || r.fd == fd {
-            Some(Error::ManifestInvalid(format!(
-                "`{}` claims fd {}",
-                r.name, r.fd
-            )))
+            Some(Error::ManifestInvalid {
+                offset: 0,
+                problem: crate::error::ManifestProblem::ReservedFd {
+                    name: r.name.clone(),
+                    fd: r.fd,
+                },
+            })
         } else {
             match sys::identity_raw(r.fd) {
                 Err(_) => Some(Error::FdMissing {
@@ -321,7 +330,7 @@ fn reclaim_value(value: &OsStr) -> Result<FdRegistry> {
         registry.entries.push(FdEntry::new(
             r.name.clone(),
             FdKind(r.kind),
-            r.metadata.0.clone(),
+            r.metadata.clone(),
             owned,
         ));
     }
@@ -399,7 +408,10 @@ mod tests {
         let _ = std::os::fd::IntoRawFd::into_raw_fd(m);
         assert!(matches!(
             reclaim_value(OsStr::new(&n)),
-            Err(Error::Manifest(_))
+            Err(Error::ManifestInvalid {
+                problem: crate::error::ManifestProblem::BadMagic,
+                ..
+            })
         ));
     }
 }

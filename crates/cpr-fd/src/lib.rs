@@ -44,7 +44,7 @@ mod registry;
 mod sys;
 mod transfer;
 
-pub use error::{Error, Result};
+pub use error::{Error, ManifestProblem, NotManifest, Result};
 pub use exec::{reclaim, startup_executable, Prepared, MANIFEST_ENV};
 pub use registry::{
     open_fds, FdEntry, FdIdentity, FdKind, FdRegistry, MAX_MANIFEST_LEN, MAX_METADATA_LEN,

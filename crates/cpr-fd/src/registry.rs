@@ -6,10 +6,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
-use cpr_snapshot::prelude::*;
-use cpr_snapshot::{Blob, Limits, Schema, Snapshot, SnapshotWriter};
-
-use crate::error::{os, Error, Result};
+use crate::error::{os, Error, ManifestProblem, Result};
 use crate::sys;
 
 /// Longest fd name, in bytes.
@@ -18,6 +15,8 @@ pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_METADATA_LEN: usize = 4096;
 /// Largest manifest accepted, in bytes (about 4000 fds with full metadata).
 pub const MAX_MANIFEST_LEN: u64 = 16 << 20;
+/// Most records a manifest may hold.
+pub const MAX_RECORDS: u32 = 65536;
 
 /// What an fd is for. The values below 0x100 are this project's; pick your own above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -251,7 +250,7 @@ pub fn open_fds() -> Result<Vec<RawFd>> {
 }
 
 /// One fd as recorded in a manifest.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FdRecord {
     pub name: String,
     /// fd number (exec) or position in the transfer (transfer).
@@ -260,7 +259,7 @@ pub(crate) struct FdRecord {
     pub dev: u64,
     pub ino: u64,
     pub file_type: u32,
-    pub metadata: Blob,
+    pub metadata: Vec<u8>,
 }
 
 impl FdRecord {
@@ -273,27 +272,24 @@ impl FdRecord {
     }
 }
 
-/// The list of fds handed to the next image.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+/// The list of fds handed to the next image, in its own small format (independent of any
+/// snapshot encoding), all integers little-endian:
+///
+/// ```text
+/// magic "CPRFDMF1" (8) | format version u16 (1) | record count u32
+/// per record: name length u8 | name (UTF-8) | fd i32 | kind u16 | dev u64 | ino u64
+///             | file type u32 | metadata length u32 | metadata
+/// ```
+///
+/// A reader refuses another version, a truncated or overlong manifest, invalid or repeated
+/// names, repeated fds and oversized metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct FdManifest {
     pub records: Vec<FdRecord>,
 }
 
-impl Section for FdManifest {
-    const NAME: &'static str = "fd-manifest";
-}
-
-fn schema() -> Schema {
-    Schema::builder()
-        .section::<FdManifest>()
-        .limits(Limits {
-            max_total: MAX_MANIFEST_LEN,
-            max_section: MAX_MANIFEST_LEN - 1024,
-            max_sections: 4,
-        })
-        .build()
-        .expect("static schema is valid")
-}
+const MANIFEST_MAGIC: &[u8; 8] = b"CPRFDMF1";
+const MANIFEST_VERSION: u16 = 1;
 
 impl FdManifest {
     /// Records every entry; `number` gives each its fd field.
@@ -308,47 +304,120 @@ impl FdManifest {
                 dev: id.dev,
                 ino: id.ino,
                 file_type: id.file_type,
-                metadata: Blob(e.metadata.clone()),
+                metadata: e.metadata.clone(),
             });
         }
         Ok(FdManifest { records })
     }
 
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let schema = schema();
-        let mut w =
-            SnapshotWriter::new(Vec::new(), &schema, "cpr-fd", env!("CARGO_PKG_VERSION"), 1)
-                .map_err(Error::Manifest)?;
-        w.write_section(0, self).map_err(Error::Manifest)?;
-        w.finish().map_err(Error::Manifest)
+        let mut out = MANIFEST_MAGIC.to_vec();
+        out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.records.len() as u32).to_le_bytes());
+        for r in &self.records {
+            // Names are validated at registration: at most MAX_NAME_LEN (< 256) bytes.
+            out.push(r.name.len() as u8);
+            out.extend_from_slice(r.name.as_bytes());
+            out.extend_from_slice(&r.fd.to_le_bytes());
+            out.extend_from_slice(&r.kind.to_le_bytes());
+            out.extend_from_slice(&r.dev.to_le_bytes());
+            out.extend_from_slice(&r.ino.to_le_bytes());
+            out.extend_from_slice(&r.file_type.to_le_bytes());
+            out.extend_from_slice(&(r.metadata.len() as u32).to_le_bytes());
+            out.extend_from_slice(&r.metadata);
+        }
+        Ok(out)
     }
 
     /// Decodes and checks names, metadata sizes and fd uniqueness.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let schema = schema();
-        let mut snap = Snapshot::read_from(bytes, &schema).map_err(Error::Manifest)?;
-        let m: FdManifest = snap.take(0).map_err(Error::Manifest)?;
+        let mut c = Cursor { b: bytes, at: 0 };
+        if c.take(8)? != MANIFEST_MAGIC {
+            return Err(c.bad(0, ManifestProblem::BadMagic));
+        }
+        let version = c.u16()?;
+        if version != MANIFEST_VERSION {
+            return Err(c.bad(8, ManifestProblem::UnsupportedVersion(version)));
+        }
+        let count = c.u32()?;
+        if count > MAX_RECORDS {
+            return Err(c.bad(10, ManifestProblem::TooManyRecords(count)));
+        }
+        let mut records = Vec::with_capacity((count as usize).min(1024));
         let mut names = std::collections::HashSet::new();
         let mut fds = std::collections::HashSet::new();
-        for r in &m.records {
-            validate_name(&r.name).map_err(|e| Error::ManifestInvalid(e.to_string()))?;
-            if !names.insert(r.name.as_str()) {
-                return Err(Error::ManifestInvalid(format!(
-                    "name `{}` appears twice",
-                    r.name
-                )));
+        for _ in 0..count {
+            let at = c.at;
+            let n = c.take(1)?[0] as usize;
+            let name = String::from_utf8_lossy(c.take(n)?).into_owned();
+            if validate_name(&name).is_err() {
+                return Err(c.bad(at, ManifestProblem::InvalidName(name)));
             }
-            if !fds.insert(r.fd) {
-                return Err(Error::ManifestInvalid(format!("fd {} appears twice", r.fd)));
+            let fd = i32::from_le_bytes(c.array()?);
+            let kind = c.u16()?;
+            let dev = u64::from_le_bytes(c.array()?);
+            let ino = u64::from_le_bytes(c.array()?);
+            let file_type = c.u32()?;
+            let len = c.u32()? as usize;
+            if len > MAX_METADATA_LEN {
+                return Err(c.bad(at, ManifestProblem::MetadataTooLarge(name)));
             }
-            if r.metadata.len() > MAX_METADATA_LEN {
-                return Err(Error::ManifestInvalid(format!(
-                    "metadata of `{}` is too large",
-                    r.name
-                )));
+            let metadata = c.take(len)?.to_vec();
+            if !names.insert(name.clone()) {
+                return Err(c.bad(at, ManifestProblem::DuplicateName(name)));
             }
+            if !fds.insert(fd) {
+                return Err(c.bad(at, ManifestProblem::DuplicateFd(fd)));
+            }
+            records.push(FdRecord {
+                name,
+                fd,
+                kind,
+                dev,
+                ino,
+                file_type,
+                metadata,
+            });
         }
-        Ok(m)
+        if c.at != bytes.len() {
+            return Err(c.bad(c.at, ManifestProblem::TrailingBytes));
+        }
+        Ok(FdManifest { records })
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn bad(&self, offset: usize, problem: ManifestProblem) -> Error {
+        Error::ManifestInvalid { offset, problem }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.b.len())
+            .ok_or(Error::ManifestInvalid {
+                offset: self.at,
+                problem: ManifestProblem::Truncated,
+            })?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
     }
 }
 
@@ -433,11 +502,43 @@ mod tests {
         twice.records.push(m.records[0].clone());
         assert!(matches!(
             FdManifest::decode(&twice.encode().unwrap()),
-            Err(Error::ManifestInvalid(_))
+            Err(Error::ManifestInvalid { problem: ManifestProblem::DuplicateName(n), .. }) if n == "null"
         ));
         assert!(matches!(
             FdManifest::decode(b"garbage"),
-            Err(Error::Manifest(_))
+            Err(Error::ManifestInvalid {
+                problem: ManifestProblem::Truncated,
+                offset: 0
+            })
+        ));
+        assert!(matches!(
+            FdManifest::decode(b"CPRFDMF2\x01\x00\x00\x00\x00\x00"),
+            Err(Error::ManifestInvalid {
+                problem: ManifestProblem::BadMagic,
+                ..
+            })
+        ));
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert!(matches!(
+            FdManifest::decode(&v2),
+            Err(Error::ManifestInvalid {
+                problem: ManifestProblem::UnsupportedVersion(2),
+                offset: 8
+            })
+        ));
+        // Every cut is refused, and so is a byte more.
+        for cut in 0..bytes.len() {
+            assert!(FdManifest::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            FdManifest::decode(&longer),
+            Err(Error::ManifestInvalid {
+                problem: ManifestProblem::TrailingBytes,
+                ..
+            })
         ));
         let mut same_fd = m.clone();
         let mut other = m.records[0].clone();
@@ -445,7 +546,19 @@ mod tests {
         same_fd.records.push(other);
         assert!(matches!(
             FdManifest::decode(&same_fd.encode().unwrap()),
-            Err(Error::ManifestInvalid(m)) if m.contains("fd 10 appears twice")
+            Err(Error::ManifestInvalid {
+                problem: ManifestProblem::DuplicateFd(10),
+                ..
+            })
+        ));
+        let mut huge_count = bytes.clone();
+        huge_count[10..14].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            FdManifest::decode(&huge_count),
+            Err(Error::ManifestInvalid {
+                problem: ManifestProblem::TooManyRecords(_),
+                ..
+            })
         ));
     }
 

@@ -99,10 +99,13 @@ impl FdRegistry {
         read_exact(&mut s, &mut manifest, "manifest")?;
         let m = FdManifest::decode(&manifest)?;
         if m.records.len() != count || m.records.iter().enumerate().any(|(i, r)| r.fd != i as i32) {
-            return Err(Error::ManifestInvalid(format!(
-                "{} records for {count} fds, or records out of order",
-                m.records.len()
-            )));
+            return Err(Error::ManifestInvalid {
+                offset: 0,
+                problem: crate::error::ManifestProblem::CountMismatch {
+                    records: m.records.len(),
+                    fds: count,
+                },
+            });
         }
 
         let mut received: Vec<OwnedFd> = Vec::with_capacity(count);
@@ -154,7 +157,7 @@ impl FdRegistry {
             }
             registry
                 .entries
-                .push(FdEntry::new(r.name, FdKind(r.kind), r.metadata.0, fd));
+                .push(FdEntry::new(r.name, FdKind(r.kind), r.metadata, fd));
         }
         Ok(registry)
     }

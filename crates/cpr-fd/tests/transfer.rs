@@ -192,7 +192,10 @@ fn lies_are_refused() {
     count[8] = 2;
     assert!(matches!(
         receive_after(&count, |_| {}),
-        Error::ManifestInvalid(_)
+        Error::ManifestInvalid {
+            problem: cpr_fd::ManifestProblem::CountMismatch { .. },
+            ..
+        }
     ));
 
     // A chunk with fewer fds than announced.

@@ -118,8 +118,11 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32], refused: &mut Vec<u32>) -> Result<V
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::Mismatch(format!("too many MSRs: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::TooMany {
+            what: "MSRs",
+            found: entries.len(),
+            max: kvm_bindings::KVM_MAX_MSR_ENTRIES,
+        })?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         if n >= left.len() {
             return Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect());
@@ -141,8 +144,11 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)], refused: &mut Vec<u32>) -> Res
                 ..Default::default()
             })
             .collect();
-        let batch = Msrs::from_entries(&entries)
-            .map_err(|e| Error::Mismatch(format!("too many MSRs: {e:?}")))?;
+        let batch = Msrs::from_entries(&entries).map_err(|_| Error::TooMany {
+            what: "MSRs",
+            found: entries.len(),
+            max: kvm_bindings::KVM_MAX_MSR_ENTRIES,
+        })?;
         let n = vcpu.set_msrs(&batch).map_err(kvm("KVM_SET_MSRS"))?;
         if n >= left.len() {
             break;
@@ -326,8 +332,11 @@ fn set_cpuid(vcpu: &VcpuFd, cpuid: &[CpuidEntry]) -> Result<()> {
             ..Default::default()
         })
         .collect();
-    let cpuid = CpuId::from_entries(&entries)
-        .map_err(|e| Error::Mismatch(format!("{} CPUID entries: {e:?}", entries.len())))?;
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::TooMany {
+        what: "CPUID entries",
+        found: entries.len(),
+        max: KVM_MAX_CPUID_ENTRIES,
+    })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))
 }
 
@@ -395,10 +404,11 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<Blob> {
 fn set_chip(vm: &VmFd, blob: &Blob, chip_id: u32, what: &'static str) -> Result<()> {
     let chip: kvm_irqchip = from_blob(blob, what)?;
     if chip.chip_id != chip_id {
-        return Err(Error::Mismatch(format!(
-            "{what} holds chip {} instead of {chip_id}",
-            chip.chip_id
-        )));
+        return Err(Error::WrongChip {
+            what,
+            found: chip.chip_id,
+            expected: chip_id,
+        });
     }
     vm.set_irqchip(&chip).map_err(kvm("KVM_SET_IRQCHIP"))
 }

@@ -5,6 +5,7 @@
 
 /// Errors from capturing or restoring KVM state.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A KVM ioctl failed.
     #[error("{op} failed: {source}")]
@@ -25,9 +26,6 @@ pub enum Error {
         /// Bytes expected.
         expected: usize,
     },
-    /// The saved state does not fit the VM it is restored into.
-    #[error("state does not fit: {0}")]
-    Mismatch(String),
     /// A saved table has more entries than the kernel takes.
     #[error("saved {what} has {found} entries, at most {max} are allowed")]
     TooMany {
@@ -48,9 +46,15 @@ pub enum Error {
         /// The chip id expected.
         expected: u32,
     },
-    /// Installing the vCPU kick signal handler failed.
-    #[error("cannot install the vCPU kick signal handler: {0}")]
-    Signal(String),
+    /// Installing the vCPU kick signal handler, or sending the kick, failed.
+    #[error("{op}: {source}")]
+    Signal {
+        /// What was done.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
     /// vCPUs did not park before the deadline.
     #[error("{parked} of {total} vCPUs parked within {waited_ms} ms")]
     PauseTimeout {

@@ -48,8 +48,10 @@ pub fn install_kick_handler() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| Error::Signal(e.to_string()));
+        result = register_signal_handler(kick_signal(), on_kick).map_err(|source| Error::Signal {
+            op: "install the vCPU kick signal handler",
+            source,
+        });
     });
     result
 }
@@ -69,9 +71,10 @@ pub fn disarm_kick() {
 
 /// Sends the kick signal to a vCPU thread.
 pub fn kick<T>(thread: &JoinHandle<T>) -> Result<()> {
-    thread
-        .kill(kick_signal())
-        .map_err(|e| Error::Signal(format!("pthread_kill: {e}")))
+    thread.kill(kick_signal()).map_err(|source| Error::Signal {
+        op: "pthread_kill (vCPU kick)",
+        source,
+    })
 }
 
 /// Lets the kernel finish an I/O or MMIO exit without running guest code (`KVM_RUN` with

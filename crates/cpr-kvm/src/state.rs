@@ -27,7 +27,7 @@ pub(crate) fn from_blob<T: FromBytes>(b: &Blob, what: &'static str) -> Result<T>
 }
 
 /// One CPUID leaf as set with `KVM_SET_CPUID2`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct CpuidEntry {
     /// Leaf (EAX input).
     pub function: u32,
@@ -61,7 +61,7 @@ impl CpuidEntry {
 }
 
 /// The legacy FPU state (`kvm_fpu`), field by field (kvm-bindings gives it no byte view).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct FpuState {
     /// ST0-ST7 / MM0-MM7, 16 bytes each.
     pub fpr: Blob,
@@ -149,7 +149,7 @@ impl FpuState {
 
 /// Everything KVM holds for one vCPU, as needed to rebuild it in a fresh VM.
 /// Saved as section `kvm-vcpu`, instance = vCPU index.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct VcpuState {
     /// vCPU id (APIC id).
     pub id: u32,
@@ -184,7 +184,7 @@ impl Section for VcpuState {
 }
 
 /// VM-wide KVM state: in-kernel irqchip, PIT and kvmclock. Saved as section `kvm-vm`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct VmState {
     /// `kvm_irqchip` of the master PIC.
     pub pic_master: Blob,

@@ -20,7 +20,7 @@ pub enum Error {
         /// Backing name.
         name: String,
         /// What is wrong.
-        reason: String,
+        reason: RegionProblem,
     },
     /// Two regions overlap in guest physical address space.
     #[error("regions {first} and {second} overlap at guest address {addr:#x}")]
@@ -125,7 +125,7 @@ pub enum Error {
     },
     /// vm-memory refused the regions.
     #[error("guest memory: {0}")]
-    GuestMemory(String),
+    GuestMemory(#[source] vm_memory::GuestRegionCollectionError),
     /// The memory layout cannot support an update mode.
     #[error("{mode} update is not possible: region {index} (`{name}`) {reason}")]
     ModeUnsupported {
@@ -136,7 +136,7 @@ pub enum Error {
         /// Backing name.
         name: String,
         /// Why.
-        reason: String,
+        reason: ModeProblem,
     },
     /// The layout has no region.
     #[error("guest memory layout has no region")]
@@ -168,6 +168,112 @@ pub enum Error {
         path: PathBuf,
         /// Why.
         reason: &'static str,
+    },
+}
+
+/// What is wrong with a region.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegionProblem {
+    /// Its size is zero.
+    #[error("size is zero")]
+    ZeroSize,
+    /// Its page size is not a power of two of at least 4096.
+    #[error("page size {0} is not a power of two >= 4096")]
+    BadPageSize(u64),
+    /// A size, address or offset is not a multiple of the page size.
+    #[error("{what} {value:#x} is not a multiple of the page size {page_size:#x}")]
+    Misaligned {
+        /// Which value.
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// The page size.
+        page_size: u64,
+    },
+    /// The guest address or the backing offset plus the size overflows.
+    #[error("address or offset plus size overflows")]
+    Overflow,
+    /// The size does not fit this process's address space.
+    #[error("size does not fit the address space")]
+    TooLarge,
+    /// It shares a backing with another region but not its kind or options.
+    #[error("shares its backing with region {0} but not its kind or options")]
+    SharedBackingMismatch(usize),
+    /// It overlaps another region in their shared backing.
+    #[error("overlaps region {0} in their shared backing")]
+    OverlapsInBacking(usize),
+    /// A memfd name that memfd_create refuses.
+    #[error("memfd name must be 1 to 249 bytes without '/' or NUL")]
+    BadMemfdName,
+    /// `MAP_NORESERVE` asked for huge pages, which would SIGBUS when the pool runs out.
+    #[error("MAP_NORESERVE with huge pages would SIGBUS when the pool runs out")]
+    HugeNoReserve,
+    /// Anonymous memory, which nothing can reattach.
+    #[error("anonymous memory does not survive; there is nothing to reattach")]
+    Anonymous,
+    /// The stamp page is misplaced.
+    #[error("stamp at offset {offset:#x}: {problem}")]
+    Stamp {
+        /// Its offset in the backing.
+        offset: u64,
+        /// What is wrong.
+        problem: StampProblem,
+    },
+}
+
+/// What is wrong with where the stamp page is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StampProblem {
+    /// Not on a page boundary.
+    #[error("not on a page boundary")]
+    Misaligned,
+    /// Past the end of the backing.
+    #[error("beyond the end of the backing")]
+    BeyondBacking,
+    /// Inside a region's guest memory.
+    #[error("inside guest memory")]
+    InsideGuestMemory,
+    /// In anonymous memory.
+    #[error("in anonymous memory")]
+    Anonymous,
+}
+
+/// Why an update mode cannot keep a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModeProblem {
+    /// Anonymous memory is lost when the process execs or exits.
+    #[error(
+        "is anonymous (volatile) memory, which is lost when the process execs or exits; start \
+         the VM with memfd or file-backed memory"
+    )]
+    Anonymous,
+    /// A memfd has no path a new process could open after the old one exits.
+    #[error(
+        "is a memfd, which has no path a new process could open after the old one exits; use a \
+         file in /dev/shm or a DAX device for reboot"
+    )]
+    MemfdForReboot,
+}
+
+/// Something an operator should know about a mode that works.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Warning {
+    /// A tmpfs or hugetlbfs file outlives the VMM's exit but not a host kexec.
+    #[error(
+        "region {index} (`{name}`) is {kind}: it survives the VMM exiting, but not a real host \
+         kexec (use a DAX device for that)"
+    )]
+    LostOnKexec {
+        /// Region index.
+        index: usize,
+        /// Backing name.
+        name: String,
+        /// Its kind.
+        kind: crate::layout::BackendKind,
     },
 }
 

@@ -5,10 +5,10 @@
 
 use cpr_snapshot::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ModeProblem, RegionProblem, Result, Warning};
 
 /// What backs a guest memory region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, State)]
 pub enum BackendKind {
     /// Private anonymous memory: fine for running, lost on exit or exec.
     Anonymous,
@@ -53,7 +53,7 @@ impl std::fmt::Display for BackendKind {
 }
 
 /// One region of guest RAM as recorded for reattach.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub struct RegionLayout {
     /// Guest physical address of the first byte.
     pub guest_addr: u64,
@@ -83,13 +83,13 @@ impl RegionLayout {
 ///
 /// Regions may share a backing (same name, different offsets); reattach checks that they
 /// do not overlap in it.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub struct MemoryLayout {
     /// Regions, sorted by guest address.
     pub regions: Vec<RegionLayout>,
     /// Offset of the [stamp](crate::Stamp) page in the first region's backing, or
     /// [`NO_STAMP`](crate::NO_STAMP). Added in version 2.
-    #[version(start = 2, default_fn = "default_stamp")]
+    #[state(since = 2, default = "default_stamp")]
     pub stamp_offset: u64,
 }
 
@@ -161,37 +161,29 @@ impl MemoryLayout {
     /// Checks that `mode` can keep this memory: `Ok` with warnings worth telling the operator,
     /// or [`Error::ModeUnsupported`] naming the first region that prevents it. Call it before
     /// stopping anything.
-    pub fn check_mode(&self, mode: UpdateMode) -> Result<Vec<String>> {
+    pub fn check_mode(&self, mode: UpdateMode) -> Result<Vec<Warning>> {
         if self.regions.is_empty() {
             return Err(Error::Empty);
         }
         let mut warnings = Vec::new();
         for (index, r) in self.regions.iter().enumerate() {
-            let refuse = |reason: &str| Error::ModeUnsupported {
+            let refuse = |reason: ModeProblem| Error::ModeUnsupported {
                 mode,
                 index,
                 name: r.name.clone(),
-                reason: reason.to_string(),
+                reason,
             };
             match (r.kind, mode) {
-                (BackendKind::Anonymous, _) => {
-                    return Err(refuse(
-                        "is anonymous (volatile) memory, which is lost when the process execs or \
-                         exits; start the VM with memfd or file-backed memory",
-                    ))
-                }
+                (BackendKind::Anonymous, _) => return Err(refuse(ModeProblem::Anonymous)),
                 (BackendKind::Memfd, UpdateMode::Reboot) => {
-                    return Err(refuse(
-                        "is a memfd, which has no path a new process could open after the old \
-                         one exits; use a file in /dev/shm or a DAX device for reboot",
-                    ))
+                    return Err(refuse(ModeProblem::MemfdForReboot))
                 }
                 (BackendKind::Tmpfs | BackendKind::Hugetlbfs, UpdateMode::Reboot) => {
-                    warnings.push(format!(
-                        "region {index} (`{}`) is {}: it survives the VMM exiting, but not a real \
-                         host kexec (use a DAX device for that)",
-                        r.name, r.kind
-                    ));
+                    warnings.push(Warning::LostOnKexec {
+                        index,
+                        name: r.name.clone(),
+                        kind: r.kind,
+                    });
                 }
                 _ => {}
             }
@@ -206,19 +198,16 @@ impl MemoryLayout {
             return Err(Error::Empty);
         }
         for (index, r) in self.regions.iter().enumerate() {
-            let invalid = |reason: String| Error::InvalidRegion {
+            let invalid = |reason: RegionProblem| Error::InvalidRegion {
                 index,
                 name: r.name.clone(),
                 reason,
             };
             if r.size == 0 {
-                return Err(invalid("size is zero".into()));
+                return Err(invalid(RegionProblem::ZeroSize));
             }
             if !r.page_size.is_power_of_two() || r.page_size < 4096 {
-                return Err(invalid(format!(
-                    "page size {} is not a power of two >= 4096",
-                    r.page_size
-                )));
+                return Err(invalid(RegionProblem::BadPageSize(r.page_size)));
             }
             for (what, v) in [
                 ("size", r.size),
@@ -226,17 +215,18 @@ impl MemoryLayout {
                 ("offset", r.offset),
             ] {
                 if v % r.page_size != 0 {
-                    return Err(invalid(format!(
-                        "{what} {v:#x} is not a multiple of the page size {:#x}",
-                        r.page_size
-                    )));
+                    return Err(invalid(RegionProblem::Misaligned {
+                        what,
+                        value: v,
+                        page_size: r.page_size,
+                    }));
                 }
             }
             if r.guest_end().is_none() || r.offset.checked_add(r.size).is_none() {
-                return Err(invalid("address or offset plus size overflows".into()));
+                return Err(invalid(RegionProblem::Overflow));
             }
             if usize::try_from(r.size).is_err() {
-                return Err(invalid("size does not fit the address space".into()));
+                return Err(invalid(RegionProblem::TooLarge));
             }
         }
         let mut order: Vec<usize> = (0..self.regions.len()).collect();
@@ -301,7 +291,8 @@ mod tests {
             }
         ));
         let w = layout(Tmpfs).check_mode(Reboot).unwrap();
-        assert!(w[0].contains("kexec"));
+        assert!(matches!(&w[0], Warning::LostOnKexec { index: 0, .. }));
+        assert!(w[0].to_string().contains("kexec"));
         assert!(layout(Dax).check_mode(Reboot).unwrap().is_empty());
         assert!(layout(Tmpfs).check_mode(Restart).unwrap().is_empty());
         // One volatile region spoils the whole layout, and is named.

@@ -42,7 +42,7 @@ mod ram;
 mod stamp;
 mod sys;
 
-pub use error::{Error, Result};
+pub use error::{Error, ModeProblem, RegionProblem, Result, StampProblem, Warning};
 pub use layout::{BackendKind, MemoryLayout, RegionLayout, UpdateMode};
 pub use ram::{GuestRam, GuestRamBuilder, HugePageSize, MemoryOptions, Prefault, RegionSpec};
 pub use stamp::{Stamp, StampState, NO_STAMP, STAMP_LEN};

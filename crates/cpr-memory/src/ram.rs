@@ -12,7 +12,7 @@ use std::sync::Arc;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RegionProblem, Result, StampProblem, Warning};
 use crate::layout::{BackendKind, MemoryLayout, RegionLayout, UpdateMode};
 use crate::stamp::{check_stamp_room, NO_STAMP};
 use crate::sys::{self, Backing, Found, RESIZE_SEALS};
@@ -257,10 +257,7 @@ impl GuestRamBuilder {
                     return Err(Error::InvalidRegion {
                         index: i,
                         name: r.name.clone(),
-                        reason: format!(
-                            "shares its backing with region {} but not its kind or options",
-                            p.regions[0]
-                        ),
+                        reason: RegionProblem::SharedBackingMismatch(p.regions[0]),
                     })
                 }
                 Some(p) => {
@@ -325,7 +322,7 @@ fn check_backing_overlaps(layout: &MemoryLayout) -> Result<()> {
                 return Err(Error::InvalidRegion {
                     index: j,
                     name: b.name.clone(),
-                    reason: format!("overlaps region {i} in their shared backing"),
+                    reason: RegionProblem::OverlapsInBacking(i),
                 });
             }
         }
@@ -352,7 +349,7 @@ fn provisional_layout(index: usize, spec: &RegionSpec, base: u64) -> Result<Regi
                 return Err(Error::InvalidRegion {
                     index,
                     name: name.clone(),
-                    reason: "memfd name must be 1 to 249 bytes without '/' or NUL".into(),
+                    reason: RegionProblem::BadMemfdName,
                 });
             }
             let page = huge.map_or(base, HugePageSize::bytes);
@@ -460,7 +457,7 @@ fn create_backing(
     let huge_noreserve = || Error::InvalidRegion {
         index,
         name: name.clone(),
-        reason: "MAP_NORESERVE with huge pages would SIGBUS when the pool runs out".into(),
+        reason: RegionProblem::HugeNoReserve,
     };
     let file =
         match &plan.spec {
@@ -607,7 +604,7 @@ fn map_all(
         regions.push(map_region(index, r, file.clone(), options)?);
     }
     regions.sort_by_key(|r| r.start_addr_raw());
-    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::GuestMemory(e.to_string()))
+    GuestMemoryMmap::from_regions(regions).map_err(Error::GuestMemory)
 }
 
 trait StartRaw {
@@ -672,7 +669,7 @@ fn map_region(
     GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| Error::InvalidRegion {
         index,
         name: r.name.clone(),
-        reason: "guest address range overflows".into(),
+        reason: RegionProblem::Overflow,
     })
 }
 
@@ -718,8 +715,7 @@ impl GuestRam {
                     return Err(Error::InvalidRegion {
                         index,
                         name: r.name.clone(),
-                        reason: "anonymous memory does not survive; there is nothing to reattach"
-                            .into(),
+                        reason: RegionProblem::Anonymous,
                     })
                 }
                 BackendKind::Memfd => {
@@ -737,7 +733,7 @@ impl GuestRam {
                         return Err(Error::InvalidRegion {
                             index,
                             name: r.name.clone(),
-                            reason: "MAP_NORESERVE with huge pages would SIGBUS".into(),
+                            reason: RegionProblem::HugeNoReserve,
                         });
                     }
                     let file = match opened_paths.get(r.name.as_str()) {
@@ -780,7 +776,10 @@ impl GuestRam {
             let file = opened[0].as_ref().ok_or(Error::InvalidRegion {
                 index: 0,
                 name: r.name.clone(),
-                reason: "a stamp in anonymous memory".into(),
+                reason: RegionProblem::Stamp {
+                    offset: layout.stamp_offset,
+                    problem: StampProblem::Anonymous,
+                },
             })?;
             check_stamp_room(layout, file.metadata().map_or(0, |m| m.len()))?;
         }
@@ -808,7 +807,7 @@ impl GuestRam {
     }
 
     /// Shorthand for `self.layout().check_mode(mode)`.
-    pub fn check_mode(&self, mode: UpdateMode) -> Result<Vec<String>> {
+    pub fn check_mode(&self, mode: UpdateMode) -> Result<Vec<Warning>> {
         self.layout.check_mode(mode)
     }
 

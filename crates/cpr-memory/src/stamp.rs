@@ -27,7 +27,7 @@ use std::sync::Arc;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{FileOffset, VolatileMemory};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RegionProblem, Result, StampProblem};
 use crate::layout::{BackendKind, MemoryLayout};
 use crate::ram::GuestRam;
 use crate::sys;
@@ -129,20 +129,23 @@ pub(crate) fn check_stamp_room(layout: &MemoryLayout, len: u64) -> Result<()> {
     let first = layout.regions.first().ok_or(Error::Empty)?;
     let page = first.page_size;
     let off = layout.stamp_offset;
-    let bad = |reason: &str| Error::InvalidRegion {
+    let bad = |problem: StampProblem| Error::InvalidRegion {
         index: 0,
         name: first.name.clone(),
-        reason: format!("stamp at offset {off:#x}: {reason}"),
+        reason: RegionProblem::Stamp {
+            offset: off,
+            problem,
+        },
     };
     if !off.is_multiple_of(page) {
-        return Err(bad("not on a page boundary"));
+        return Err(bad(StampProblem::Misaligned));
     }
     if off.checked_add(page).is_none_or(|end| end > len) {
-        return Err(bad("beyond the end of the backing"));
+        return Err(bad(StampProblem::BeyondBacking));
     }
     for r in layout.regions.iter().filter(|r| r.name == first.name) {
         if off < r.offset + r.size && r.offset < off + page {
-            return Err(bad("inside guest memory"));
+            return Err(bad(StampProblem::InsideGuestMemory));
         }
     }
     Ok(())

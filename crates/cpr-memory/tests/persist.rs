@@ -195,7 +195,7 @@ fn shm_file_is_reattached_by_path_in_a_new_process() {
             .unwrap();
         assert_eq!(ram.layout().regions[0].kind, BackendKind::Tmpfs);
         let warnings = ram.check_mode(UpdateMode::Reboot).unwrap();
-        assert!(warnings[0].contains("kexec"));
+        assert!(warnings[0].to_string().contains("kexec"));
         write_pattern(&ram, 0xf11e);
         save_layout(ram.layout(), &state.0);
     } // The old process's mapping and fd are gone.

@@ -37,6 +37,8 @@ impl std::ops::Deref for Blob {
     }
 }
 
+impl crate::State for Blob {}
+
 impl Versionize for Blob {
     fn serialize<W: Write>(&self, w: &mut W, _: &VersionMap, _: u16) -> VersionizeResult<()> {
         if self.0.len() > MAX_BLOB_LEN {

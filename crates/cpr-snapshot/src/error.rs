@@ -11,6 +11,7 @@ use std::path::PathBuf;
 /// container) at which the problem was found, so a corrupt file can be diagnosed with a hex
 /// dump.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The underlying reader or writer failed (other than by ending early).
     #[error("I/O error at offset {offset}: {source}")]
@@ -215,8 +216,8 @@ pub enum Error {
         instance: u32,
         /// Offset of the payload.
         offset: u64,
-        /// What the decoder reported.
-        reason: String,
+        /// What the decoder found.
+        reason: PayloadError,
     },
     /// A section payload decoded without consuming all of its bytes.
     #[error(
@@ -237,12 +238,51 @@ pub enum Error {
     Encode {
         /// Section name.
         name: String,
-        /// What the encoder reported.
-        reason: String,
+        /// What the encoder found.
+        reason: PayloadError,
     },
     /// The schema description is inconsistent.
     #[error("invalid schema: {0}")]
     Schema(SchemaError),
+}
+
+/// Why a section payload could not be encoded or decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PayloadError {
+    /// The payload ends inside a value.
+    #[error("the payload ends inside a value")]
+    Truncated,
+    /// A string is longer than the encoding allows.
+    #[error("a string of {0} bytes is longer than the encoding allows")]
+    StringTooLong(usize),
+    /// A sequence is longer than the encoding allows.
+    #[error("a sequence of {0} elements is longer than the encoding allows")]
+    SequenceTooLong(usize),
+    /// A value the type does not have (an enum variant, a version, an invalid `bool` or
+    /// UTF-8), or a check of the type's own: as the type said it.
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing the payload failed (errno).
+    #[error("I/O error (errno {0})")]
+    Io(i32),
+}
+
+impl From<versionize::VersionizeError> for PayloadError {
+    fn from(e: versionize::VersionizeError) -> Self {
+        use versionize::VersionizeError as V;
+        match e {
+            // Reading past the end of a slice has no errno.
+            V::Io(0) => PayloadError::Truncated,
+            V::Io(n) => PayloadError::Io(n),
+            V::StringLength(n) => PayloadError::StringTooLong(n),
+            V::VecLength(n) => PayloadError::SequenceTooLong(n),
+            V::Deserialize(m) if m.contains("unexpected end") || m.contains("UnexpectedEof") => {
+                PayloadError::Truncated
+            }
+            V::Serialize(m) | V::Deserialize(m) | V::Semantic(m) => PayloadError::Invalid(m),
+        }
+    }
 }
 
 /// Why a schema could not be built.

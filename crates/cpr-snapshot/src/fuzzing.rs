@@ -13,7 +13,7 @@ pub mod v1 {
     use crate::Schema;
 
     /// A device with an id and eight registers.
-    #[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+    #[derive(Clone, Debug, PartialEq, Eq, State)]
     pub struct DeviceState {
         /// Device id.
         pub id: u32,
@@ -41,17 +41,17 @@ pub mod v3 {
     use crate::Schema;
 
     /// A device with an id, registers, an interrupt line and a FIFO.
-    #[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+    #[derive(Clone, Debug, PartialEq, Eq, State)]
     pub struct DeviceState {
         /// Device id.
         pub id: u32,
         /// Register file.
         pub regs: [u32; 8],
         /// Interrupt line (added in version 2; older state gets line 4).
-        #[version(start = 2, default_fn = "default_irq")]
+        #[state(since = 2, default = "default_irq")]
         pub irq: u8,
         /// Pending FIFO bytes (added in version 3; older state has an empty FIFO).
-        #[version(start = 3, default_fn = "default_fifo")]
+        #[state(since = 3, default = "default_fifo")]
         pub fifo: Blob,
     }
 
@@ -69,7 +69,7 @@ pub mod v3 {
     }
 
     /// Statistics an older reader may skip.
-    #[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+    #[derive(Clone, Debug, PartialEq, Eq, State)]
     pub struct Stats {
         /// Exits counted.
         pub exits: u64,

@@ -12,24 +12,22 @@
 //! input gives a typed [`Error`] with the offset of the problem, never a panic or a huge
 //! allocation.
 //!
-//! Payloads are encoded with `versionize`; derive it from [`prelude`], which is the only
-//! place this crate exposes the encoder.
+//! A state type derives its encoding: [`State`](derive@State) for types nested in sections,
+//! [`Section`](derive@Section) for a section. The encoding behind them (versionize's, today)
+//! is not part of the API: no embedder names it.
 //!
 //! ```
-//! use cpr_snapshot::prelude::*;
-//! use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
+//! use cpr_snapshot::{Schema, Section, Snapshot, SnapshotWriter};
 //!
-//! #[derive(Clone, Debug, PartialEq, Versionize)]
+//! #[derive(Clone, Debug, PartialEq, Section)]
+//! #[section(name = "uart")]
 //! struct Uart {
 //!     lcr: u8,
-//!     #[version(start = 2, default_fn = "default_scratch")]
+//!     #[state(since = 2, default = "default_scratch")]
 //!     scratch: u8,
 //! }
 //! impl Uart {
 //!     fn default_scratch(_: u16) -> u8 { 0 }
-//! }
-//! impl Section for Uart {
-//!     const NAME: &'static str = "uart";
 //! }
 //!
 //! // State version 1 had Uart v1; state version 2 introduced Uart v2.
@@ -61,19 +59,34 @@ mod writer;
 
 pub use atomic::{remove_stale_temporaries, save_in_dir, save_to_path};
 pub use blob::{Blob, MAX_BLOB_LEN};
-pub use error::{Error, Result, SchemaError};
+pub use error::{Error, PayloadError, Result, SchemaError};
 pub use format::{crc64, SectionInfo, SnapshotHeader, FORMAT_VERSION, MAGIC, MAX_APP_STRING};
 pub use reader::{inspect, Inspection, Snapshot};
-pub use schema::{Limits, Schema, SchemaBuilder, Section, TypeEntry, TypeHistory, MAX_NAME_LEN};
+pub use schema::{
+    Limits, Schema, SchemaBuilder, Section, State, TypeEntry, TypeHistory, MAX_NAME_LEN,
+};
 pub use writer::SnapshotWriter;
 
-/// What a state type needs in scope to derive its encoding:
-/// `use cpr_snapshot::prelude::*;` then `#[derive(Clone, Versionize)]` and `impl Section`.
-///
-/// The derive's generated code names `Versionize`, `VersionMap`, `VersionizeResult` and
-/// `VersionizeError` unqualified, so they are re-exported here; treat them as opaque.
+/// What a state type needs in scope: `use cpr_snapshot::prelude::*;`, then
+/// `#[derive(State)]` (types nested in sections) or `#[derive(Section)]` with
+/// `#[section(name = "...")]`, or `#[derive(State)]` and a hand-written `impl Section`.
 pub mod prelude {
-    pub use crate::schema::Section;
-    pub use versionize::{VersionMap, Versionize, VersionizeError, VersionizeResult};
-    pub use versionize_derive::Versionize;
+    pub use crate::schema::{Section, State};
+    pub use cpr_snapshot_derive::{Section, State};
 }
+
+pub use cpr_snapshot_derive::{Section, State};
+
+/// Not part of the API: what the derives' generated code names.
+#[doc(hidden)]
+pub mod __private {
+    pub use versionize;
+
+    /// The payload encoding behind [`State`](crate::State). Implemented by the derives; the
+    /// encoding may change without a change in any user's source.
+    pub trait Encoding: versionize::Versionize {}
+    impl<T: versionize::Versionize> Encoding for T {}
+}
+
+// The derives name `::cpr_snapshot`; this crate uses them too.
+extern crate self as cpr_snapshot;

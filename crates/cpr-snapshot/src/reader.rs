@@ -362,7 +362,7 @@ impl<'s> Snapshot<'s> {
                 state_version,
             });
         }
-        let decode_err = |reason: String| Error::Decode {
+        let decode_err = |reason: crate::PayloadError| Error::Decode {
             name: info.name.clone(),
             instance,
             offset: info.payload_offset,
@@ -370,7 +370,7 @@ impl<'s> Snapshot<'s> {
         };
         let mut rest = payload.as_slice();
         let value = T::deserialize(&mut rest, self.schema.map(), state_version)
-            .map_err(|e| decode_err(e.to_string()))?;
+            .map_err(|e| decode_err(e.into()))?;
         if !rest.is_empty() {
             return Err(Error::PayloadTrailingBytes {
                 name: info.name.clone(),

@@ -8,25 +8,31 @@ use std::any::TypeId;
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
-use versionize::{VersionMap, Versionize};
+use versionize::VersionMap;
+
+use crate::__private::Encoding;
 
 use crate::error::{Error, Result, SchemaError};
 
 /// Longest section name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
-/// A piece of device state stored as one section of a snapshot.
-///
-/// Implement it on a plain-data state type that derives
-/// [`Versionize`](crate::prelude::Versionize) from [`prelude`](crate::prelude):
+/// A type saved in snapshots: a section or a type nested in one. Derive it
+/// (`#[derive(State)]`, or `#[derive(Section)]` for a section); the encoding behind it is
+/// not part of the API.
+pub trait State: Encoding + 'static {}
+
+/// A piece of device state stored as one section of a snapshot. Derive it with its name
+/// (or derive [`State`] and implement this by hand):
 ///
 /// ```
 /// use cpr_snapshot::prelude::*;
 ///
-/// #[derive(Clone, Debug, Versionize)]
+/// #[derive(Clone, Debug, Section)]
+/// #[section(name = "serial")]
 /// struct SerialState {
 ///     divisor: u16,
-///     #[version(start = 2, default_fn = "default_fifo")]
+///     #[state(since = 2, default = "default_fifo")]
 ///     fifo: Vec<u8>,
 /// }
 ///
@@ -35,12 +41,9 @@ pub const MAX_NAME_LEN: usize = 64;
 ///         Vec::new()
 ///     }
 /// }
-///
-/// impl Section for SerialState {
-///     const NAME: &'static str = "serial";
-/// }
+/// assert_eq!(<SerialState as Section>::NAME, "serial");
 /// ```
-pub trait Section: Versionize + Clone + 'static {
+pub trait Section: State + Clone {
     /// Section name in the file (1 to 64 bytes of `a-z`, `0-9`, `_`, `-`, `.`).
     const NAME: &'static str;
     /// Whether a reader that does not know this section may skip it. Use it for state that an
@@ -74,7 +77,7 @@ impl TypeEntry {
 
     /// A versioned type used inside section types (a field's type), whose version matters
     /// as much as theirs.
-    pub fn nested<T: Versionize + 'static>() -> Self {
+    pub fn nested<T: State>() -> Self {
         TypeEntry {
             type_id: TypeId::of::<T>(),
             type_name: std::any::type_name::<T>(),
@@ -214,7 +217,7 @@ impl Schema {
     }
 
     /// Version of type `T` at `state_version`.
-    pub fn type_version<T: Versionize + 'static>(&self, state_version: u16) -> u16 {
+    pub fn type_version<T: State>(&self, state_version: u16) -> u16 {
         self.map.get_type_version(state_version, TypeId::of::<T>())
     }
 
@@ -275,7 +278,7 @@ impl SchemaBuilder {
 
     /// Declares a versioned type used inside section types, so that [`build`](Self::build)
     /// checks its version too.
-    pub fn nested<T: Versionize + 'static>(self) -> Self {
+    pub fn nested<T: State>(self) -> Self {
         self.declare(TypeEntry::nested::<T>())
     }
 
@@ -327,7 +330,7 @@ impl SchemaBuilder {
     /// Sets the version of type `T` from the current state version on. `version` must be at
     /// least 1, at most `T::version()`, and not lower than the type's version in an earlier
     /// state version.
-    pub fn type_version<T: Versionize + 'static>(mut self, version: u16) -> Self {
+    pub fn type_version<T: State>(mut self, version: u16) -> Self {
         let type_name = std::any::type_name::<T>();
         let previous = self.latest.get(&TypeId::of::<T>()).copied().unwrap_or(1);
         if version == 0 || version > T::version() {
@@ -432,17 +435,17 @@ mod tests {
     use super::*;
     use crate::prelude::*;
 
-    #[derive(Clone, Debug, Versionize)]
+    #[derive(Clone, Debug, State)]
     struct Two {
         a: u8,
-        #[version(start = 2)]
+        #[state(since = 2)]
         b: u8,
     }
     impl Section for Two {
         const NAME: &'static str = "two";
     }
 
-    #[derive(Clone, Debug, Versionize)]
+    #[derive(Clone, Debug, State)]
     struct BadName {
         x: u8,
     }
@@ -558,7 +561,7 @@ mod tests {
 
     #[test]
     fn sections_exist_from_the_version_that_introduced_them() {
-        #[derive(Clone, Debug, Versionize)]
+        #[derive(Clone, Debug, State)]
         struct Later {
             x: u8,
         }

@@ -111,11 +111,8 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
         skippable: bool,
     ) -> Result<()> {
         let name = T::NAME;
-        let encode_err = |reason: String| Error::Encode {
-            name: name.to_string(),
-            reason,
-        };
-        validate_name(name.as_bytes()).map_err(|r| encode_err(r.to_string()))?;
+        validate_name(name.as_bytes())
+            .map_err(|reason| Error::Schema(crate::SchemaError::InvalidName { name, reason }))?;
         match self.schema.introduced_of::<T>() {
             None => return Err(Error::UndeclaredSection { name }),
             Some(introduced) if introduced > self.target => {
@@ -144,7 +141,10 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
         self.payload.clear();
         state
             .serialize(&mut self.payload, self.schema.map(), self.target)
-            .map_err(|e| encode_err(e.to_string()))?;
+            .map_err(|e| Error::Encode {
+                name: name.to_string(),
+                reason: e.into(),
+            })?;
         let limits = self.schema.limits();
         let len = self.payload.len() as u64;
         // The writer refuses what its own schema's readers would refuse.

@@ -146,7 +146,7 @@ fn writer_refuses_duplicates_and_oversize() {
 
 #[test]
 fn unknown_required_section_is_named() {
-    #[derive(Clone, Debug, Versionize)]
+    #[derive(Clone, Debug, State)]
     struct Gpu {
         x: u32,
     }
@@ -491,14 +491,14 @@ fn errors_read_well() {
 #[test]
 fn writer_refuses_sections_the_target_version_lacks() {
     use cpr_snapshot::prelude::*;
-    #[derive(Clone, Debug, PartialEq, Versionize)]
+    #[derive(Clone, Debug, PartialEq, State)]
     struct Added {
         x: u32,
     }
     impl Section for Added {
         const NAME: &'static str = "added";
     }
-    #[derive(Clone, Debug, PartialEq, Versionize)]
+    #[derive(Clone, Debug, PartialEq, State)]
     struct Undeclared {
         x: u32,
     }

@@ -39,7 +39,7 @@
 //! use cpr_snapshot::Schema;
 //! use cpr_update::{BoxError, BuildInfo, Ids, Incoming, Loader, Pausable, Saver, Target, Updatable};
 //!
-//! #[derive(Clone, Debug, Default, PartialEq, Versionize)]
+//! #[derive(Clone, Debug, Default, PartialEq, State)]
 //! struct Counter { value: u64 }
 //! impl Section for Counter { const NAME: &'static str = "counter"; }
 //!

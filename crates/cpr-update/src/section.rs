@@ -67,7 +67,7 @@ pub fn random() -> Result<[u8; 16]> {
 }
 
 /// The update in progress: section `cpr-update`, written last by the old side.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct UpdateSection {
     /// 1 restart, 2 transfer, 3 reboot.
     pub mode: u8,

@@ -14,7 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StateProblem};
 
 /// Largest PCI config space (PCIe extended).
 pub const MAX_CONFIG: usize = 4096;
@@ -24,7 +24,7 @@ pub const MAX_VECTORS: usize = 2048;
 pub const FIRST_MSI_GSI: u32 = 24;
 
 /// One MSI-X table entry as the guest programmed it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, State)]
 pub struct MsixEntry {
     /// Message address, low 32 bits.
     pub addr_lo: u32,
@@ -37,7 +37,7 @@ pub struct MsixEntry {
 }
 
 /// Which eventfd (by cpr-fd name) signals which vector, through which GSI.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct VectorRoute {
     /// MSI-X vector.
     pub vector: u32,
@@ -48,7 +48,7 @@ pub struct VectorRoute {
 }
 
 /// The VMM's view of a passthrough device. Section `vfio-device`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct VfioDeviceState {
     /// Device name (PCI address).
     pub name: String,
@@ -68,27 +68,20 @@ impl VfioDeviceState {
     /// Checks sizes and cross-references, so a corrupt state is refused before use.
     pub fn validate(&self) -> Result<()> {
         if self.config.len() > MAX_CONFIG {
-            return Err(Error::State(format!(
-                "config space of {} bytes",
-                self.config.len()
+            return Err(Error::State(StateProblem::ConfigTooLarge(
+                self.config.len(),
             )));
         }
         if self.msix.len() > MAX_VECTORS {
-            return Err(Error::State(format!("{} MSI-X vectors", self.msix.len())));
+            return Err(Error::State(StateProblem::TooManyVectors(self.msix.len())));
         }
         let mut gsis = std::collections::HashSet::new();
         for r in &self.routes {
             if r.vector as usize >= self.msix.len() {
-                return Err(Error::State(format!(
-                    "route for vector {} beyond the table",
-                    r.vector
-                )));
+                return Err(Error::State(StateProblem::VectorOutOfRange(r.vector)));
             }
             if r.gsi < FIRST_MSI_GSI || !gsis.insert(r.gsi) {
-                return Err(Error::State(format!(
-                    "GSI {} is reserved or used twice",
-                    r.gsi
-                )));
+                return Err(Error::State(StateProblem::BadGsi(r.gsi)));
             }
         }
         Ok(())
@@ -199,7 +192,7 @@ pub fn attach_irqfds(
         }
     }
     let routing = KvmIrqRouting::from_entries(&entries)
-        .map_err(|e| Error::State(format!("{} routes: {e:?}", entries.len())))?;
+        .map_err(|_| Error::State(StateProblem::TooManyRoutes(entries.len())))?;
     vm.set_gsi_routing(&routing).map_err(|source| Error::Kvm {
         op: "KVM_SET_GSI_ROUTING",
         source,

@@ -16,7 +16,7 @@ use crate::kernel::VfioKernel;
 use crate::legacy::Backing;
 
 /// A tracked IOAS mapping.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub struct IoasMapping {
     /// Device address.
     pub iova: u64,
@@ -27,7 +27,7 @@ pub struct IoasMapping {
 }
 
 /// What crosses the update for an iommufd device. Section `vfio-iommufd`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct IommufdState {
     /// Device name (PCI address).
     pub device: String,
@@ -132,11 +132,10 @@ impl IommufdDevice {
     /// `IOMMU_IOAS_CHANGE_PROCESS` requires.
     pub fn check_update(&self) -> Result<()> {
         if let Some(m) = self.state.mappings.iter().find(|m| m.backing.is_none()) {
-            return Err(Error::Refused(format!(
-                "device {}: the IOAS mapping at iova {:#x} was made by host address, not by file; \
-                 IOMMU_IOAS_CHANGE_PROCESS would fail",
-                self.state.device, m.iova
-            )));
+            return Err(Error::Refused {
+                device: self.state.device.clone(),
+                reason: crate::error::Refusal::MappingByAddress { iova: m.iova },
+            });
         }
         Ok(())
     }

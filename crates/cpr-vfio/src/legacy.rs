@@ -16,7 +16,7 @@ use crate::kernel::VfioKernel;
 /// Where a mapping's memory comes from: the name of the fd backing it (as registered with
 /// cpr-fd, e.g. a cpr-memory region's memfd) and the offset in it. After an update the new
 /// host address is found from this, wherever the new image mapped that fd.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub struct Backing {
     /// fd name.
     pub name: String,
@@ -25,7 +25,7 @@ pub struct Backing {
 }
 
 /// A tracked DMA mapping.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub struct DmaMapping {
     /// Device address.
     pub iova: u64,
@@ -38,7 +38,7 @@ pub struct DmaMapping {
 }
 
 /// What crosses the update for a legacy container. Section `vfio-container`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct LegacyState {
     /// Device name (PCI address).
     pub device: String,
@@ -143,11 +143,10 @@ impl LegacyDevice {
             .check_extension(self.container.as_fd(), VFIO_UPDATE_VADDR)
             .map_err(kernel("VFIO_CHECK_EXTENSION"))?;
         if !ok {
-            return Err(Error::Refused(format!(
-                "device {}: the VFIO container lacks VFIO_UPDATE_VADDR (Linux 5.12+, type1 IOMMU), \
-                 so its DMA mappings cannot follow the new process",
-                self.state.device
-            )));
+            return Err(Error::Refused {
+                device: self.state.device.clone(),
+                reason: crate::error::Refusal::NoUpdateVaddr,
+            });
         }
         Ok(())
     }

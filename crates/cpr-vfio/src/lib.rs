@@ -36,7 +36,7 @@ mod sys;
 pub use device::{
     attach_irqfds, MsixEntry, VectorRoute, VfioDeviceState, FIRST_MSI_GSI, MAX_CONFIG, MAX_VECTORS,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Refusal, Result, StateProblem};
 pub use iommufd::{IoasMapping, IommufdDevice, IommufdState};
 pub use kernel::{IommufdFds, LegacyFds, VfioKernel};
 pub use legacy::{Backing, DmaMapping, LegacyDevice, LegacyState};

@@ -23,7 +23,7 @@ use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
 use crate::kernel::{IommufdFds, LegacyFds, VfioKernel};
 
 /// One DMA mapping in the model.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub struct ModelMapping {
     /// Mapping size.
     pub size: u64,
@@ -36,7 +36,7 @@ pub struct ModelMapping {
 }
 
 /// An object of the model, keyed by the inode of its stand-in fd.
-#[derive(Clone, Debug, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, PartialEq, Eq, State)]
 pub enum ModelObject {
     /// A type1 container: mappings by iova.
     Container(Vec<(u64, ModelMapping)>),
@@ -49,7 +49,7 @@ pub enum ModelObject {
 }
 
 /// The whole model, as saved across an exec.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct ModelState {
     /// Objects by inode.
     pub objects: Vec<(u64, ModelObject)>,

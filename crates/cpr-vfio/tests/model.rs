@@ -13,8 +13,8 @@ use cpr_fd::FdRegistry;
 use cpr_snapshot::Blob;
 use cpr_vfio::model::Model;
 use cpr_vfio::{
-    attach_irqfds, Backing, DmaMapping, Error, IommufdDevice, LegacyDevice, MsixEntry, VectorRoute,
-    VfioDeviceState, VfioKernel,
+    attach_irqfds, Backing, DmaMapping, Error, IommufdDevice, LegacyDevice, MsixEntry, Refusal,
+    VectorRoute, VfioDeviceState, VfioKernel,
 };
 
 const SYSFS: &str = "/sys/bus/pci/devices/0000:01:00.0";
@@ -149,7 +149,13 @@ fn missing_update_vaddr_is_refused_before_anything_changes() {
     let mut d = device(&k);
     let e = d.check_update(&k).unwrap_err();
     assert!(
-        matches!(&e, Error::Refused(r) if r.contains("VFIO_UPDATE_VADDR")),
+        matches!(
+            &e,
+            Error::Refused {
+                reason: Refusal::NoUpdateVaddr,
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(d.update_support(&k).restart.is_err());
@@ -248,7 +254,13 @@ fn iommufd_handoff_needs_file_mappings() {
     d.map_vaddr(&k, 8 * MIB, MIB, 0x7000_0000).unwrap();
     let e = d.check_update().unwrap_err();
     assert!(
-        matches!(&e, Error::Refused(r) if r.contains("0x800000")),
+        matches!(
+            &e,
+            Error::Refused {
+                reason: Refusal::MappingByAddress { iova: 0x80_0000 },
+                ..
+            }
+        ),
         "{e}"
     );
     let mut reg = FdRegistry::new();

@@ -22,7 +22,7 @@ pub const RAM_SIZE: u64 = 64 << 10;
 pub const LIVE: [u8; 16] = *b"LIVE............";
 
 /// The toy's memory section.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct ToyMemory {
     pub size: u64,
 }
@@ -31,7 +31,7 @@ impl Section for ToyMemory {
 }
 
 /// The toy's device section.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Versionize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
 pub struct ToyDevice {
     pub value: u64,
 }
