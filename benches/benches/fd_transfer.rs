@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 fn bench(c: &mut Criterion) {
     let mut reg = FdRegistry::new();
     for i in 0..1000 {
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = std::fs::File::open("/dev/null").unwrap();
         reg.register(&format!("fd.{i}"), FdKind::OTHER, fd, &[])
             .unwrap();
     }

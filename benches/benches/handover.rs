@@ -35,7 +35,7 @@ fn hello(role: Role) -> Message {
 fn fds(n: usize) -> FdRegistry {
     let mut reg = FdRegistry::new();
     for i in 0..n {
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = std::fs::File::open("/dev/null").unwrap();
         reg.register(&format!("fd.{i}"), FdKind::OTHER, fd, &[])
             .unwrap();
     }

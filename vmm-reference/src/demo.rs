@@ -95,13 +95,17 @@ pub fn status(c: &mut QmpClient) -> Check<Status> {
     })
 }
 
-/// Waits until the guest printed `more` lines beyond `from` and every vCPU's timer ticked.
+/// Waits until the guest printed `more` lines beyond `from`, went on to a later
+/// generation, and every vCPU's timer ticked: everything [`check_continuity`] checks.
+/// (A line is printed at the end of a generation, so the next one may not have begun yet
+/// when the line count is reached.)
 pub fn wait_progress(c: &mut QmpClient, from: &Status, more: u64) -> Check<Status> {
     let start = Instant::now();
     loop {
         let s = status(c)?;
         let ticking = s.ticks.iter().zip(&from.ticks).all(|(a, b)| a > b);
-        if s.lines >= from.lines + more && ticking {
+        let went_on = s.generation > from.generation && s.counter > from.counter;
+        if s.lines >= from.lines + more && ticking && went_on {
             return Ok(s);
         }
         if s.errors != 0 || s.faults != 0 {

@@ -440,7 +440,7 @@ impl SerialDevice {
         Ok(())
     }
 
-    /// Saved register state.
+    /// Saved register state (what [`Persist::save`](cpr_snapshot::Persist::save) returns).
     pub fn state(&self) -> SerialSection {
         #[allow(unused_mut)]
         let mut s =
@@ -570,6 +570,42 @@ impl Pump {
     }
 }
 
+/// What [`SerialDevice`]'s [`Persist::restore`](cpr_snapshot::Persist::restore) needs
+/// besides the UART registers.
+#[derive(Debug)]
+pub struct SerialArgs<'a> {
+    /// The backend, as the saving image had it (restart, transfer) or as the command line
+    /// says (reboot).
+    pub config: &'a SerialConfig,
+    /// The fds handed over, for restart and transfer (the backend's are taken from it);
+    /// `None` after a reboot, when the backend is opened again from `config`.
+    pub fds: Option<&'a mut FdRegistry>,
+    /// The interrupt line.
+    pub irq: EventFd,
+    /// Who may connect to a socket backend that is created anew.
+    pub access: crate::unix::Access,
+}
+
+impl<'a> cpr_snapshot::Persist<'a> for SerialDevice {
+    type State = SerialSection;
+    type ConstructorArgs = SerialArgs<'a>;
+    type Error = Error;
+
+    fn save(&self) -> SerialSection {
+        self.state()
+    }
+
+    /// Checks the registers ([`check_state`]) and rebuilds the device on the handed-over
+    /// backend, or on a new one after a reboot.
+    fn restore(args: SerialArgs<'a>, state: &SerialSection) -> Result<Self> {
+        check_state(state)?;
+        match args.fds {
+            Some(fds) => SerialDevice::from_fds(args.config, fds, state, args.irq),
+            None => SerialDevice::new(args.config, Some(state), args.irq, args.access),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -695,7 +731,7 @@ mod tests {
         guest_reads(&old, 64, &mut got);
         // An update: hold, capture, hand the fds over, build the next device.
         old.hold(Duration::from_secs(60)).unwrap();
-        let state = old.state();
+        let state = old.save();
         // While held, nothing more moves into the old UART, even once it is empty.
         let mut captured = Vec::new();
         guest_reads(&old, state.in_buffer.len(), &mut captured);
@@ -711,9 +747,52 @@ mod tests {
         let mut reg = FdRegistry::new();
         old.register_fds(|n, k, fd, m| Ok(reg.register(n, k, fd, m)?))
             .unwrap();
-        let new = SerialDevice::from_fds(&dir.config(), &mut reg, &state, irq()).unwrap();
+        let args = SerialArgs {
+            config: &dir.config(),
+            fds: Some(&mut reg),
+            irq: irq(),
+            access: crate::unix::Access::OWNER,
+        };
+        let new = SerialDevice::restore(args, &state).unwrap();
+        assert!(reg.is_empty(), "the backend's fds were taken");
         new.start_input();
         guest_reads(&new, sent.len(), &mut got);
         assert_eq!(got, sent, "every byte once, in order");
+    }
+
+    #[test]
+    fn persist_restores_registers_on_a_reopened_backend_and_refuses_a_bad_state() {
+        let dir = SocketDir::new("persist");
+        let cfg = SerialConfig::File(dir.0.join("out.log"));
+        let old = SerialDevice::new(&cfg, None, irq(), crate::unix::Access::OWNER).unwrap();
+        old.uart.lock().unwrap().write(3, 0x1b).unwrap(); // LCR
+        old.uart.lock().unwrap().write(7, 0x5a).unwrap(); // scratch
+        let state = old.save();
+        drop(old);
+        // After a reboot no fd is handed over: the backend opens again from the config.
+        let args = || SerialArgs {
+            config: &cfg,
+            fds: None,
+            irq: irq(),
+            access: crate::unix::Access::OWNER,
+        };
+        let new = SerialDevice::restore(args(), &state).unwrap();
+        assert_eq!(new.save(), state);
+        assert_eq!(new.uart.lock().unwrap().read(7), 0x5a);
+        let mut bad = state.clone();
+        bad.in_buffer = vec![0u8; 65].into();
+        assert!(matches!(
+            SerialDevice::restore(args(), &bad),
+            Err(Error::State(_))
+        ));
+        // With fds expected but none handed over, a file backend is an error, not a new file.
+        let mut empty = FdRegistry::new();
+        let args = SerialArgs {
+            config: &cfg,
+            fds: Some(&mut empty),
+            irq: irq(),
+            access: crate::unix::Access::OWNER,
+        };
+        assert!(SerialDevice::restore(args, &state).is_err());
     }
 }

@@ -33,8 +33,9 @@ use crate::error::{Error, Result};
 use crate::machine::Machine;
 use crate::monitor::{check_arguments, Monitor, MonitorSection, QmpError, Request};
 use crate::passthrough::Passthrough;
-use crate::serial::{SerialConfig, SerialDevice, SerialSection};
+use crate::serial::{SerialArgs, SerialConfig, SerialDevice, SerialSection};
 use crate::vmm::{Outcome, RunState, Vmm, HOLD_TIMEOUT, PAUSE_TIMEOUT};
+use cpr_snapshot::Persist;
 
 /// Name of the previous image's VM fd, closed by the new image once the guest runs.
 const RETIRED_VM: &str = "kvm.retired-vm";
@@ -722,7 +723,7 @@ impl Updatable for Vmm {
         for (i, v) in vcpus.iter().enumerate() {
             out.write(i as u32, v)?;
         }
-        out.write(0, &m.serial.state())?;
+        out.write(0, &m.serial.save())?;
         #[cfg(feature = "next")]
         if out.can_write::<StatsSection>() {
             out.write(
@@ -880,14 +881,16 @@ impl Updatable for Vmm {
             self.config.serial.clone()
         };
         let m = self.machine.as_mut().ok_or("no VM")?;
-        if carries {
-            let fds = input.fds();
-            m.replace_serial(|irq| SerialDevice::from_fds(&serial_cfg, fds, &serial_state, irq))?;
-        } else {
-            m.replace_serial(|irq| {
-                SerialDevice::new(&serial_cfg, Some(&serial_state), irq, access)
-            })?;
-        }
+        let fds = if carries { Some(input.fds()) } else { None };
+        m.replace_serial(|irq| {
+            let args = SerialArgs {
+                config: &serial_cfg,
+                fds,
+                irq,
+                access,
+            };
+            SerialDevice::restore(args, &serial_state)
+        })?;
         self.config.serial = serial_cfg;
         if carries {
             let carried = input.take_optional::<MonitorSection>(0)?;

@@ -38,12 +38,14 @@
 //! ```
 #![deny(missing_docs)]
 
+mod convert;
 mod error;
 mod exec;
 mod registry;
 mod sys;
 mod transfer;
 
+pub use convert::{eventfd_into_fd, WrongFdType};
 pub use error::{Error, ManifestProblem, NotManifest, Result};
 pub use exec::{reclaim, startup_executable, Prepared, MANIFEST_ENV};
 pub use registry::{
@@ -51,6 +53,8 @@ pub use registry::{
     MAX_NAME_LEN,
 };
 pub use transfer::{MAX_FDS_PER_MESSAGE, MAX_TRANSFER_FDS};
+/// The vmm-sys-util this crate's `EventFd` conversions are for.
+pub use vmm_sys_util;
 
 /// A close-on-exec memfd named `name` holding `data`, sealed against any change (write,
 /// resize, further seals): a place for saved state that survives exec once registered.

@@ -136,15 +136,17 @@ impl FdRegistry {
         Self::default()
     }
 
-    /// Registers `fd` under `name`. On error the fd is closed, so register a duplicate
-    /// (`try_clone`) of anything you still need.
+    /// Registers `fd` (an `OwnedFd`, `File`, `UnixStream`, ...: anything `Into<OwnedFd>`)
+    /// under `name`. On error the fd is closed, so register a duplicate (`try_clone`) of
+    /// anything you still need.
     pub fn register(
         &mut self,
         name: &str,
         kind: FdKind,
-        fd: OwnedFd,
+        fd: impl Into<OwnedFd>,
         metadata: &[u8],
     ) -> Result<()> {
+        let fd = fd.into();
         validate_name(name)?;
         if self.contains(name) {
             return Err(Error::DuplicateName(name.to_string()));
@@ -163,6 +165,18 @@ impl FdRegistry {
             fd,
         });
         Ok(())
+    }
+
+    /// Registers a vmm-sys-util `EventFd` under `name` as [`FdKind::EVENTFD`];
+    /// `EventFd::try_from(entry)` turns the entry back into one.
+    pub fn register_eventfd(
+        &mut self,
+        name: &str,
+        eventfd: vmm_sys_util::eventfd::EventFd,
+        metadata: &[u8],
+    ) -> Result<()> {
+        let fd = crate::convert::eventfd_into_fd(eventfd);
+        self.register(name, FdKind::EVENTFD, fd, metadata)
     }
 
     /// A registry with a duplicate of every fd (same names, kinds and metadata, in order).
@@ -572,7 +586,7 @@ mod tests {
             .any(|(fd, p)| *fd == f.as_raw_fd() && p.ends_with("null")));
         let mut r = FdRegistry::new();
         let raw = f.as_raw_fd();
-        r.register("null", FdKind::OTHER, f.into(), b"").unwrap();
+        r.register("null", FdKind::OTHER, f, b"").unwrap();
         assert!(!r
             .unregistered_open_fds()
             .unwrap()

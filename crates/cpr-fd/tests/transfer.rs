@@ -28,7 +28,7 @@ fn files(n: usize, tag: &str) -> FdRegistry {
         reg.register(
             &format!("file.{i}"),
             FdKind(0x100),
-            f.into(),
+            f,
             &(i as u32).to_le_bytes(),
         )
         .unwrap();

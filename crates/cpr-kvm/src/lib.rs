@@ -15,38 +15,18 @@
 //! [`restore_vcpu`] documents the order and why. [`ClockPolicy`] says whether the guest sees
 //! the downtime. The [`run`] helpers stop vCPU threads without losing a pending interrupt or
 //! replaying an I/O exit.
+//!
+//! # Architectures
+//!
+//! x86_64 only, for now. On any other target the crate builds and is empty (this
+//! paragraph is all it has), so a workspace that also targets aarch64 or riscv64 keeps
+//! building; nothing here pretends to capture another architecture's vCPU state. The
+//! kvm-ioctls and kvm-bindings it is built on are re-exported ([`kvm_ioctls`],
+//! [`kvm_bindings`]) so an embedder uses the same versions.
 #![deny(missing_docs)]
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
 
-mod capture;
-mod error;
-pub mod run;
-mod state;
-
-pub use capture::{
-    capture_vcpu, capture_vcpu_with, capture_vm, complete_and_capture, restore_vcpu,
-    restore_vcpu_with, restore_vm, ClockPolicy, HostCaps, Report, VcpuConfig, MSR_IA32_TSC,
-    MSR_IA32_TSC_DEADLINE,
-};
-pub use error::{Error, Result};
-pub use run::{complete_pending_io, monotonic_ns};
-pub use state::{blank_states, CpuidEntry, FpuState, VcpuState, VmState, MAX_MSRS};
-
-/// The versioned types this crate saves (sections and the types inside them), for an
-/// application's [`SchemaBuilder::types`](cpr_snapshot::SchemaBuilder::types).
-pub fn section_types() -> Vec<cpr_snapshot::TypeEntry> {
-    use cpr_snapshot::TypeEntry;
-    vec![
-        TypeEntry::section::<VmState>(),
-        TypeEntry::section::<VcpuState>(),
-        TypeEntry::nested::<CpuidEntry>(),
-        TypeEntry::nested::<FpuState>(),
-    ]
-}
-
-/// How this crate's types changed, release by release.
-pub const HISTORY: &[cpr_snapshot::TypeHistory] = &[cpr_snapshot::TypeHistory {
-    name: "kvm-vm, kvm-vcpu",
-    version: 1,
-    crate_version: "0.1.0",
-    change: "first version",
-}];
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::*;

@@ -1,5 +1,6 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#![cfg(target_arch = "x86_64")]
 
 //! Guest time across a pause: with `ClockPolicy::Frozen` kvmclock resumes from the value it
 //! had at capture (the outage is hidden); with `ClockPolicy::Advance` it includes the outage.

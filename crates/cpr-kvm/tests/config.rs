@@ -1,5 +1,6 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#![cfg(target_arch = "x86_64")]
 
 //! `VcpuConfig`: a vCPU configured before its state arrives keeps the CPUID it was given
 //! when the state agrees, takes the state's when it does not, and captures the same state

@@ -1,5 +1,6 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#![cfg(target_arch = "x86_64")]
 
 //! An interrupt that is pending when the state is captured (raised while the guest has
 //! interrupts disabled) is delivered exactly once after the state is restored into a fresh

@@ -1,5 +1,6 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#![cfg(target_arch = "x86_64")]
 
 //! Capture a running vCPU, restore it into a fresh VM in another process, and check that
 //! the guest's computation ends as an uninterrupted run does (and that the I/O exit it was

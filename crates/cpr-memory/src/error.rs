@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::layout::UpdateMode;
+use crate::layout::{BackendKind, UpdateMode};
 
 /// Errors from creating, reattaching or checking guest memory. Region errors carry the
 /// region's index in the layout and its backing name (fd name or path).
@@ -64,16 +64,21 @@ pub enum Error {
         name: String,
     },
     /// The backing is not of the kind the layout recorded.
-    #[error("region {index} (`{name}`): backing is {found}, layout expects {expected}")]
+    #[error(
+        "region {index} (`{name}`): backing is {}, {} expected",
+        found.map_or("neither a regular file nor a DAX device", BackendKind::as_str),
+        expected.map_or("a memfd, a regular file or a DAX device", BackendKind::as_str)
+    )]
     WrongKind {
         /// Region index.
         index: usize,
         /// Backing name.
         name: String,
-        /// Kind recorded in the layout.
-        expected: String,
-        /// Kind found.
-        found: String,
+        /// The kind the layout recorded; `None` when any memory backing would do.
+        expected: Option<BackendKind>,
+        /// The kind found; `None` for something no memory can be mapped from (a pipe, a
+        /// directory, a character device other than DAX).
+        found: Option<BackendKind>,
     },
     /// The backing is smaller than offset + size: mapping it would SIGBUS later.
     #[error("region {index} (`{name}`): backing has {have} bytes, needs offset + size = {need}")]
@@ -161,6 +166,18 @@ pub enum Error {
     /// The layout has no stamp page, or the memory is anonymous.
     #[error("guest memory has no stamp page")]
     NoStamp,
+    /// [`GuestRam::adopt`](crate::GuestRam::adopt) got another number of names than the
+    /// memory has regions.
+    #[error("the memory has {regions} regions but {names} names were given")]
+    NameCount {
+        /// Regions in the memory.
+        regions: usize,
+        /// Names given.
+        names: usize,
+    },
+    /// Registering a backing's fd failed.
+    #[error(transparent)]
+    Fd(#[from] cpr_fd::Error),
     /// A backing path is not usable.
     #[error("path `{path}`: {reason}")]
     BadPath {
@@ -209,6 +226,12 @@ pub enum RegionProblem {
     /// `MAP_NORESERVE` asked for huge pages, which would SIGBUS when the pool runs out.
     #[error("MAP_NORESERVE with huge pages would SIGBUS when the pool runs out")]
     HugeNoReserve,
+    /// A private (copy-on-write) file mapping: the guest's writes never reach the file.
+    #[error("is a private mapping of its file, so the guest's writes never reach it")]
+    PrivateMapping,
+    /// Its path names another file than the one mapped.
+    #[error("the path names another file than the one mapped")]
+    NotTheMappedFile,
     /// Anonymous memory, which nothing can reattach.
     #[error("anonymous memory does not survive; there is nothing to reattach")]
     Anonymous,

@@ -36,18 +36,27 @@
 //! ```
 #![deny(missing_docs)]
 
+mod adopt;
 mod error;
 mod layout;
 mod ram;
 mod stamp;
 mod sys;
 
+pub use adopt::{create_memfd, ReattachArgs};
 pub use error::{Error, ModeProblem, RegionProblem, Result, StampProblem, Warning};
 pub use layout::{BackendKind, MemoryLayout, RegionLayout, UpdateMode};
 pub use ram::{GuestRam, GuestRamBuilder, HugePageSize, MemoryOptions, Prefault, RegionSpec};
 pub use stamp::{Stamp, StampState, NO_STAMP, STAMP_LEN};
 
 use cpr_snapshot::{TypeEntry, TypeHistory};
+
+/// The cpr-fd whose registry [`GuestRam::register_fds`] and [`GuestRam::reattach_from`]
+/// take.
+pub use cpr_fd;
+/// The vm-memory this crate is built on: use it for `GuestMemoryMmap<B>`, bitmaps and
+/// `Bytes`, so the versions agree.
+pub use vm_memory;
 
 /// The versioned types this crate saves, for an application's
 /// [`SchemaBuilder::types`](cpr_snapshot::SchemaBuilder::types). Declare a state version with

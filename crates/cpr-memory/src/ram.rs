@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vm_memory::bitmap::{Bitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -179,12 +180,26 @@ impl RegionSpec {
 }
 
 /// Guest RAM: vm-memory regions plus the backing of each, and the layout to reattach them.
-#[derive(Debug)]
-pub struct GuestRam {
-    memory: GuestMemoryMmap,
-    layout: MemoryLayout,
-    files: Vec<Option<Arc<File>>>,
+///
+/// `B` is the vm-memory dirty bitmap of the regions (`()` for none, `AtomicBitmap`,
+/// `Option<AtomicBitmap>`, ...), so a VMM keeps the `GuestMemoryMmap<B>` type it already
+/// uses: see [`build_with_bitmap`](GuestRamBuilder::build_with_bitmap),
+/// [`reattach_with_bitmap`](GuestRam::reattach_with_bitmap) and
+/// [`adopt`](GuestRam::adopt).
+pub struct GuestRam<B: Bitmap = ()> {
+    pub(crate) memory: GuestMemoryMmap<B>,
+    pub(crate) layout: MemoryLayout,
+    pub(crate) files: Vec<Option<Arc<File>>>,
     pub(crate) stamp_page: Option<vm_memory::mmap::MmapRegion>,
+}
+
+impl<B: Bitmap> std::fmt::Debug for GuestRam<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("layout", &self.layout)
+            .field("stamp_page", &self.stamp_page.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds [`GuestRam`]; see [`GuestRam::builder`].
@@ -228,6 +243,12 @@ impl GuestRamBuilder {
     /// Creates the backings and maps them. On error nothing is left behind: files this call
     /// created are removed.
     pub fn build(self) -> Result<GuestRam> {
+        self.build_with_bitmap()
+    }
+
+    /// [`build`](Self::build), with a dirty bitmap of type `B` on every region (as a VMM
+    /// that tracks dirty pages, Cloud Hypervisor's `AtomicBitmap` say, keeps them).
+    pub fn build_with_bitmap<B: NewBitmap>(self) -> Result<GuestRam<B>> {
         let base = sys::base_page_size();
         // First the geometry, before anything is created.
         let mut layout = MemoryLayout {
@@ -311,7 +332,7 @@ fn align_up(v: u64, to: u64) -> u64 {
 }
 
 /// Regions that share a backing must not overlap in it.
-fn check_backing_overlaps(layout: &MemoryLayout) -> Result<()> {
+pub(crate) fn check_backing_overlaps(layout: &MemoryLayout) -> Result<()> {
     for (i, a) in layout.regions.iter().enumerate() {
         for (j, b) in layout.regions.iter().enumerate().skip(i + 1) {
             if a.kind != BackendKind::Anonymous
@@ -391,7 +412,11 @@ fn path_name(path: &Path) -> Result<String> {
         })
 }
 
-fn os_err(index: usize, name: &str, op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn os_err(
+    index: usize,
+    name: &str,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> Error {
     let name = name.to_string();
     move |source| Error::Os {
         index,
@@ -401,7 +426,7 @@ fn os_err(index: usize, name: &str, op: &'static str) -> impl FnOnce(std::io::Er
     }
 }
 
-fn kind_of(found: Found) -> Option<BackendKind> {
+pub(crate) fn kind_of(found: Found) -> Option<BackendKind> {
     Some(match found {
         Found::Memfd => BackendKind::Memfd,
         Found::Tmpfs => BackendKind::Tmpfs,
@@ -414,7 +439,13 @@ fn kind_of(found: Found) -> Option<BackendKind> {
 
 /// Opens a backing file by an absolute path with no symbolic link in it; a symlink
 /// anywhere on the way is [`Error::BadPath`], not followed.
-fn open_path(index: usize, name: &str, flags: i32, mode: u32, op: &'static str) -> Result<File> {
+pub(crate) fn open_path(
+    index: usize,
+    name: &str,
+    flags: i32,
+    mode: u32,
+    op: &'static str,
+) -> Result<File> {
     sys::open_no_symlinks(Path::new(name), flags, mode).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) => Error::MissingBacking {
             index,
@@ -525,8 +556,8 @@ fn create_backing(
         return Err(Error::WrongKind {
             index,
             name,
-            expected: "a memfd, a regular file or a DAX device".into(),
-            found: found.kind.describe().into(),
+            expected: None,
+            found: None,
         });
     }
     if found.size < plan.end {
@@ -552,8 +583,8 @@ fn check_backing(
         return Err(Error::WrongKind {
             index,
             name: name(),
-            expected: r.kind.as_str().into(),
-            found: found.kind.describe().into(),
+            expected: Some(r.kind),
+            found: kind_of(found.kind),
         });
     }
     if found.page_size != r.page_size {
@@ -594,36 +625,28 @@ fn check_backing(
     Ok(())
 }
 
-fn map_all(
+fn map_all<B: NewBitmap>(
     layout: &MemoryLayout,
     files: &[Option<Arc<File>>],
     options: &MemoryOptions,
-) -> Result<GuestMemoryMmap> {
+) -> Result<GuestMemoryMmap<B>> {
     let mut regions = Vec::with_capacity(files.len());
     for (index, (r, file)) in layout.regions.iter().zip(files).enumerate() {
         regions.push(map_region(index, r, file.clone(), options)?);
     }
-    regions.sort_by_key(|r| r.start_addr_raw());
+    regions.sort_by_key(|r| {
+        use vm_memory::GuestMemoryRegion;
+        r.start_addr().0
+    });
     GuestMemoryMmap::from_regions(regions).map_err(Error::GuestMemory)
 }
 
-trait StartRaw {
-    fn start_addr_raw(&self) -> u64;
-}
-
-impl StartRaw for GuestRegionMmap {
-    fn start_addr_raw(&self) -> u64 {
-        use vm_memory::GuestMemoryRegion;
-        self.start_addr().0
-    }
-}
-
-fn map_region(
+fn map_region<B: NewBitmap>(
     index: usize,
     r: &RegionLayout,
     file: Option<Arc<File>>,
     options: &MemoryOptions,
-) -> Result<GuestRegionMmap> {
+) -> Result<GuestRegionMmap<B>> {
     // validate() checked that the size fits a usize.
     let size = r.size as usize;
     let huge = r.kind == BackendKind::Hugetlbfs
@@ -639,7 +662,7 @@ fn map_region(
     if options.prefault == Prefault::MapPopulate {
         flags |= libc::MAP_POPULATE;
     }
-    let mut builder = MmapRegionBuilder::new(size)
+    let mut builder = MmapRegionBuilder::new_with_bitmap(size, B::with_len(size))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
         .with_hugetlbfs(huge);
@@ -705,6 +728,18 @@ impl GuestRam {
         fds: &mut HashMap<String, OwnedFd>,
         options: &MemoryOptions,
     ) -> Result<GuestRam> {
+        GuestRam::reattach_with_bitmap(layout, fds, options)
+    }
+}
+
+impl<B: NewBitmap> GuestRam<B> {
+    /// [`reattach`](GuestRam::reattach), with a dirty bitmap of type `B` on every region:
+    /// the memory comes back as the `GuestMemoryMmap<B>` the VMM uses.
+    pub fn reattach_with_bitmap(
+        layout: &MemoryLayout,
+        fds: &mut HashMap<String, OwnedFd>,
+        options: &MemoryOptions,
+    ) -> Result<GuestRam<B>> {
         layout.validate()?;
         check_backing_overlaps(layout)?;
         let mut opened: Vec<Option<Arc<File>>> = Vec::with_capacity(layout.regions.len());
@@ -795,10 +830,19 @@ impl GuestRam {
             stamp_page,
         })
     }
+}
 
+impl<B: Bitmap> GuestRam<B> {
     /// The vm-memory view, for device emulation and KVM memory slots.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestMemoryMmap<B> {
         &self.memory
+    }
+
+    /// The vm-memory regions, to keep in the VMM's own memory manager (each region holds
+    /// its backing file open). The stamp page, if any, is unmapped: write the stamp before
+    /// this, or keep the `GuestRam`.
+    pub fn into_memory(self) -> GuestMemoryMmap<B> {
+        self.memory
     }
 
     /// The layout to save (as the `memory-layout` section) for reattach.

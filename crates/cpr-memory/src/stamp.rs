@@ -259,7 +259,7 @@ pub(crate) fn map_stamp(
         })
 }
 
-impl GuestRam {
+impl<B: vm_memory::bitmap::Bitmap> GuestRam<B> {
     fn stamp_page(&self) -> Result<vm_memory::VolatileSlice<'_>> {
         let page = self.stamp_page.as_ref().ok_or(Error::NoStamp)?;
         page.get_slice(0, STAMP_LEN).map_err(|e| Error::Os {

@@ -36,19 +36,6 @@ pub enum Found {
     Other,
 }
 
-impl Found {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Found::Memfd => "a memfd",
-            Found::Tmpfs => "a tmpfs file",
-            Found::Hugetlbfs => "a hugetlbfs file",
-            Found::Dax => "a DAX device",
-            Found::DiskFile => "a disk file",
-            Found::Other => "neither a regular file nor a DAX device",
-        }
-    }
-}
-
 pub fn base_page_size() -> u64 {
     // SAFETY: sysconf reads a constant and touches no memory of ours.
     let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -53,6 +53,7 @@ mod error;
 mod format;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod persist;
 mod reader;
 mod schema;
 mod writer;
@@ -61,6 +62,7 @@ pub use atomic::{remove_stale_temporaries, save_in_dir, save_to_path};
 pub use blob::{Blob, MAX_BLOB_LEN};
 pub use error::{Error, PayloadError, Result, SchemaError};
 pub use format::{crc64, SectionInfo, SnapshotHeader, FORMAT_VERSION, MAGIC, MAX_APP_STRING};
+pub use persist::Persist;
 pub use reader::{inspect, Inspection, Snapshot};
 pub use schema::{
     Limits, Schema, SchemaBuilder, Section, State, TypeEntry, TypeHistory, MAX_NAME_LEN,
@@ -71,6 +73,7 @@ pub use writer::SnapshotWriter;
 /// `#[derive(State)]` (types nested in sections) or `#[derive(Section)]` with
 /// `#[section(name = "...")]`, or `#[derive(State)]` and a hand-written `impl Section`.
 pub mod prelude {
+    pub use crate::persist::Persist;
     pub use crate::schema::{Section, State};
     pub use cpr_snapshot_derive::{Section, State};
 }

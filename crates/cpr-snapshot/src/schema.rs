@@ -291,6 +291,24 @@ impl SchemaBuilder {
         self
     }
 
+    /// [`types`](Self::types), each at its current version from the current state version
+    /// on: for an application's first state version, or for library types it starts to
+    /// save in this one. (`types` leaves a type at version 1 until a
+    /// [`type_version`](Self::type_version) says otherwise, which is what an application
+    /// needs whose earlier releases wrote the older versions.)
+    pub fn types_at_current(mut self, entries: impl IntoIterator<Item = TypeEntry>) -> Self {
+        for e in entries {
+            let (id, version) = (e.type_id, e.version);
+            let previous = self.latest.get(&id).copied().unwrap_or(1);
+            self = self.declare(e);
+            if version > previous {
+                self.latest.insert(id, version);
+                self.map.set_type_version(id, version);
+            }
+        }
+        self
+    }
+
     fn declare(mut self, entry: TypeEntry) -> Self {
         if let Some((name, _)) = entry.section {
             if let Err(reason) = validate_name(name.as_bytes()) {
@@ -451,6 +469,32 @@ mod tests {
     }
     impl Section for BadName {
         const NAME: &'static str = "Bad Name";
+    }
+
+    #[test]
+    fn types_at_current_declares_the_current_versions_from_here_on() {
+        // Plain `types` leaves Two at version 1, behind its current 2: refused.
+        let e = Schema::builder()
+            .types([TypeEntry::section::<Two>()])
+            .build()
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Schema(SchemaError::TypeVersionBehind { current: 2, .. })
+        ));
+        let s = Schema::builder()
+            .types_at_current([TypeEntry::section::<Two>()])
+            .build()
+            .unwrap();
+        assert_eq!(s.type_version::<Two>(1), 2);
+        // Started in a later state version: introduced there, at its current version.
+        let s = Schema::builder()
+            .next_version()
+            .types_at_current([TypeEntry::section::<Two>()])
+            .build()
+            .unwrap();
+        assert_eq!(s.type_version::<Two>(2), 2);
+        assert!(!s.has_section::<Two>(1) && s.has_section::<Two>(2));
     }
 
     #[test]

@@ -336,13 +336,19 @@ impl<'a> Saver<'a> {
         self.fds.is_some()
     }
 
-    /// Hands `fd` to the next image under `name`. Refused in reboot mode, where no fd
-    /// survives.
+    /// The registry of fds for the next image, to hand to a component that registers its
+    /// own (`GuestRam::register_fds`, say); `None` in reboot mode, where no fd survives.
+    pub fn fds(&mut self) -> Option<&mut FdRegistry> {
+        self.fds.as_deref_mut()
+    }
+
+    /// Hands `fd` (anything `Into<OwnedFd>`) to the next image under `name`. Refused in
+    /// reboot mode, where no fd survives.
     pub fn register(
         &mut self,
         name: &str,
         kind: FdKind,
-        fd: OwnedFd,
+        fd: impl Into<OwnedFd>,
         metadata: &[u8],
     ) -> Result<(), Error> {
         match self.fds.as_deref_mut() {

@@ -261,7 +261,7 @@ fn fall_back(
     error: &Error,
 ) -> Error {
     (|| -> Result<Error> {
-        reg.register(FD_STATE, FdKind::STATE, state.into(), b"")?;
+        reg.register(FD_STATE, FdKind::STATE, state, b"")?;
         let back = Record {
             attempt: 1,
             argv: record.argv.clone(),
@@ -269,7 +269,7 @@ fn fall_back(
             exec_ns: monotonic_ns(),
         };
         let memfd = cpr_fd::sealed_memfd("cpr-update-handover", &back.encode())?;
-        reg.register(FD_HANDOVER, FdKind::STATE, memfd.into(), b"")?;
+        reg.register(FD_HANDOVER, FdKind::STATE, memfd, b"")?;
         let exe = previous.into_fd();
         let keep = exe.try_clone().map_err(io("dup the previous executable"))?;
         reg.register(FD_PREVIOUS_EXE, FdKind::OTHER, keep, b"")?;

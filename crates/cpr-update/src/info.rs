@@ -190,6 +190,20 @@ impl BuildInfo {
     }
 }
 
+/// Answers a restart's [`probe`]: if this process was started with
+/// [`STATE_VERSIONS_FLAG`], prints `info` as the probe expects and returns `true` (exit
+/// then, doing nothing else). Call it first thing in `main`.
+pub fn answer_probe(info: &BuildInfo) -> bool {
+    if !std::env::args_os()
+        .skip(1)
+        .any(|a| a == STATE_VERSIONS_FLAG)
+    {
+        return false;
+    }
+    println!("{}", info.to_json());
+    true
+}
+
 /// Asks `program` which state versions it reads: runs `program --cpr-state-versions` (no
 /// stdin, no inherited fds beyond stdio, at most `timeout`, at most 64 KiB of output) and
 /// parses its answer.

@@ -100,13 +100,18 @@ pub mod protocol;
 mod section;
 mod sys;
 
+/// The cpr-fd this crate hands fds over with (`reclaim` at the start of `main`).
+pub use cpr_fd;
+/// The cpr-snapshot its state is written with.
+pub use cpr_snapshot;
+
 pub use api::{Failure, Guest, Loader, Pausable, Phase, Progress, Report, Saver, Updatable};
 pub use clock::{monotonic_ns, realtime_ns, Elapsed, StopTime};
 pub use error::{BoxError, Error, Incompatibility, Result, Step};
 pub use incoming::{
     read_state, receive_transfer, restore_saved, resume_after_exec, Incoming, Resumed,
 };
-pub use info::{probe, BuildInfo, STATE_VERSIONS_FLAG};
+pub use info::{answer_probe, probe, BuildInfo, STATE_VERSIONS_FLAG};
 pub use outgoing::{update, Outcome, Target, Timeouts};
 pub use section::{section_types, Ids, UpdateInfo, UpdateSection, HISTORY};
 

@@ -308,10 +308,10 @@ impl Ctx<'_> {
         let error = (|| -> Result<Error> {
             let bytes = self.encode(vmm, version, &stopped, Some(&mut reg), true)?;
             let state = cpr_fd::sealed_memfd("cpr-update-state", &bytes)?;
-            reg.register(FD_STATE, FdKind::STATE, state.into(), b"")?;
+            reg.register(FD_STATE, FdKind::STATE, state, b"")?;
             // The running binary, whatever its path names by now: the way back.
             let exe = File::open("/proc/self/exe").map_err(io("open /proc/self/exe"))?;
-            reg.register(FD_PREVIOUS_EXE, FdKind::OTHER, exe.into(), b"")?;
+            reg.register(FD_PREVIOUS_EXE, FdKind::OTHER, exe, b"")?;
             fault::hit("restart.old.before-exec")?;
             vmm.progress(Progress::Executing { program });
             // Last, so its time is the exec's.
@@ -322,7 +322,7 @@ impl Ctx<'_> {
                 exec_ns: monotonic_ns(),
             };
             let record = cpr_fd::sealed_memfd("cpr-update-handover", &record.encode())?;
-            reg.register(FD_HANDOVER, FdKind::STATE, record.into(), b"")?;
+            reg.register(FD_HANDOVER, FdKind::STATE, record, b"")?;
             let prepared = reg.prepare()?;
             Ok(Error::Fd(prepared.exec(program, args)))
         })()

@@ -163,7 +163,7 @@ fn a_state_for_another_mode_is_refused() {
     reg.register(
         cpr_update::handover::FD_STATE,
         cpr_fd::FdKind::STATE,
-        cpr_fd::sealed_memfd("s", &bytes).unwrap().into(),
+        cpr_fd::sealed_memfd("s", &bytes).unwrap(),
         b"",
     )
     .unwrap();
@@ -184,7 +184,7 @@ fn a_state_for_another_mode_is_refused() {
         (cpr_update::handover::FD_STATE, bytes.clone()),
         (cpr_update::handover::FD_HANDOVER, record.encode()),
     ] {
-        let fd = cpr_fd::sealed_memfd("s", &bytes).unwrap().into();
+        let fd = cpr_fd::sealed_memfd("s", &bytes).unwrap();
         reg.register(name, cpr_fd::FdKind::STATE, fd, b"").unwrap();
     }
     let mut new = toy_on_file(&d, false);

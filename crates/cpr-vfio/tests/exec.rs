@@ -91,7 +91,7 @@ fn before(dir: &Path) {
     let mut reg = FdRegistry::new();
     legacy.register_fds(&mut reg).unwrap();
     iommufd.register_fds(&mut reg).unwrap();
-    reg.register("guest-ram.0", FdKind::MEMORY, ram.into(), b"")
+    reg.register("guest-ram.0", FdKind::MEMORY, ram, b"")
         .unwrap();
     let schema = schema();
     let mut w = SnapshotWriter::new(Vec::new(), &schema, "test", "1", 1).unwrap();

@@ -165,7 +165,7 @@ impl Updatable for Toy {
         // The stamp: this state belongs to this memory, once.
         ram.write_all_at(&out.ids().state, 0)?;
         if out.carries_fds() {
-            out.register("toy.ram", FdKind::MEMORY, ram.try_clone()?.into(), b"")?;
+            out.register("toy.ram", FdKind::MEMORY, ram.try_clone()?, b"")?;
         }
         Ok(())
     }
