@@ -440,7 +440,7 @@ impl SerialDevice {
         Ok(())
     }
 
-    /// Saved register state (what [`Persist::save`](cpr_snapshot::Persist::save) returns).
+    /// Saved register state (what `Persist::save` returns).
     pub fn state(&self) -> SerialSection {
         #[allow(unused_mut)]
         let mut s =
@@ -570,7 +570,7 @@ impl Pump {
     }
 }
 
-/// What [`SerialDevice`]'s [`Persist::restore`](cpr_snapshot::Persist::restore) needs
+/// What [`SerialDevice`]'s `Persist::restore` needs
 /// besides the UART registers.
 #[derive(Debug)]
 pub struct SerialArgs<'a> {

@@ -1,34 +1,7 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `#[derive(State)]` and `#[derive(Section)]` for [cpr-snapshot]: use them through
-//! `cpr_snapshot` (`use cpr_snapshot::{Section, State};`), not this crate.
-//!
-//! A field added in a later version of its type says so, with what a state from before it
-//! gets instead:
-//!
-//! ```ignore
-//! #[derive(Clone, Debug, Section)]
-//! #[section(name = "uart")]            // and `skippable` for state an older reader may drop
-//! struct Uart {
-//!     lcr: u8,
-//!     #[state(since = 2, default = "default_scratch")]   // a fn(u16) -> u8; Default without it
-//!     scratch: u8,
-//! }
-//! ```
-//!
-//! `since` is the type's own version the field appeared in (the type's version is the
-//! highest `since`/`until` of its fields, 1 without any); `until` the version it was dropped
-//! in. `default` names a function taking the version the state was written at: a plain name
-//! is an associated function of the type, a path (`a::b`) any function. Enums encode the
-//! variant's index and its tuple fields.
-//!
-//! The encoding today is versionize's (the generated code implements its trait through
-//! `cpr_snapshot::__private`), so states are read and written exactly as before; it is an
-//! implementation detail that may change without a change in anyone's source.
-//!
-//! [cpr-snapshot]: https://docs.rs/cpr-snapshot
-
+#![doc = include_str!("../README.md")]
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as Tokens;
 use quote::{format_ident, quote};

@@ -1,50 +1,7 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A versioned, self-describing, integrity-checked container for device state.
-//!
-//! A VMM that live-updates itself saves each device's state as a *section* (a name, an
-//! instance id, a version and an encoded payload) inside one snapshot, which ends with a
-//! CRC-64 over everything before it. The container lets a newer VMM read state written by an
-//! older one, lets a newer VMM write state at an older *target version* for a rollback, and
-//! lets a reader skip sections it does not know when the writer marked them skippable.
-//! Every length is capped and checked before anything is allocated, so a corrupt or hostile
-//! input gives a typed [`Error`] with the offset of the problem, never a panic or a huge
-//! allocation.
-//!
-//! A state type derives its encoding: [`State`](derive@State) for types nested in sections,
-//! [`Section`](derive@Section) for a section. The encoding behind them (versionize's, today)
-//! is not part of the API: no embedder names it.
-//!
-//! ```
-//! use cpr_snapshot::{Schema, Section, Snapshot, SnapshotWriter};
-//!
-//! #[derive(Clone, Debug, PartialEq, Section)]
-//! #[section(name = "uart")]
-//! struct Uart {
-//!     lcr: u8,
-//!     #[state(since = 2, default = "default_scratch")]
-//!     scratch: u8,
-//! }
-//! impl Uart {
-//!     fn default_scratch(_: u16) -> u8 { 0 }
-//! }
-//!
-//! // State version 1 had Uart v1; state version 2 introduced Uart v2.
-//! let schema = Schema::builder()
-//!     .section::<Uart>()
-//!     .next_version()
-//!     .type_version::<Uart>(2)
-//!     .build()?;
-//!
-//! let mut w = SnapshotWriter::new(Vec::new(), &schema, "my-vmm", "2.0", schema.latest_version())?;
-//! w.write_section(0, &Uart { lcr: 3, scratch: 7 })?;
-//! let bytes = w.finish()?;
-//!
-//! let mut snap = Snapshot::read_from(bytes.as_slice(), &schema)?;
-//! assert_eq!(snap.take::<Uart>(0)?, Uart { lcr: 3, scratch: 7 });
-//! # Ok::<(), cpr_snapshot::Error>(())
-//! ```
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 mod atomic;

@@ -1,28 +1,7 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Keeping a VFIO passthrough device and its DMA mappings alive across a VMM exec.
-//!
-//! Re-opening a device resets it, and re-pinning guest RAM costs about 0.25-0.5 s per GiB,
-//! so a live update keeps the container, group and device fds (or the iommufd and the VFIO
-//! cdev) open across the exec, with cpr-fd:
-//!
-//! - **Legacy container** ([`LegacyDevice`]): every DMA mapping is tracked with its backing
-//!   file; [`check_update`](LegacyDevice::check_update) needs `VFIO_UPDATE_VADDR` and is
-//!   called before anything stops; [`invalidate`](LegacyDevice::invalidate) forgets the old
-//!   host addresses, [`abandon`](LegacyDevice::abandon) gives them back if the update fails,
-//!   and in the new image [`reclaim`](LegacyDevice::reclaim) rebuilds the objects from the
-//!   inherited fds without a reset and [`complete`](LegacyDevice::complete) supplies the new
-//!   addresses (same iova and size).
-//! - **iommufd** ([`IommufdDevice`]): guest RAM is mapped by file, so nothing depends on host
-//!   addresses; the new image calls `IOMMU_IOAS_CHANGE_PROCESS`. Mappings made by address are
-//!   refused up front.
-//! - **Device state** ([`VfioDeviceState`]): PCI config shadow, MSI-X table, which eventfd
-//!   serves which vector; [`attach_irqfds`] re-attaches the eventfds to the new KVM VM.
-//!
-//! Every kernel call goes through the [`VfioKernel`] seam: [`RealKernel`] issues the ioctls,
-//! [`model::Model`] implements the kernel's rules in memory for tests on machines without
-//! VFIO. See the README for what ran against a real kernel.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 mod device;
