@@ -38,6 +38,38 @@ pub enum Command {
         /// The state file.
         file: PathBuf,
     },
+    /// Update a running VMM through its monitor: check, pause, hand over, report.
+    Update(UpdateArgs),
+    /// A human monitor on a VMM's QMP socket (`info status`, `cprsave`, `cprload`, ...).
+    Monitor {
+        /// The VMM's QMP monitor socket.
+        socket: PathBuf,
+    },
+}
+
+/// `vmm-reference update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// The running VMM's QMP monitor socket.
+    #[arg(long)]
+    pub monitor: PathBuf,
+    /// restart (exec in place), transfer (to a new process this command starts) or reboot
+    /// (a state file; the VMM exits).
+    #[arg(long, value_parser = ["restart", "transfer", "reboot"])]
+    pub mode: String,
+    /// The new binary (restart: one the VMM allows, `--allow-update-binary`; transfer: the
+    /// one started). Default: the running VMM's own (restart), this binary (transfer).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// The state file, in the VMM's state directory (reboot).
+    #[arg(long, required_if_eq("mode", "reboot"))]
+    pub state: Option<String>,
+    /// JSON lines instead of text: each event, then the outcome.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the new process of a transfer logs (default: nowhere).
+    #[arg(long)]
+    pub new_log: Option<PathBuf>,
 }
 
 /// Where guest RAM lives.

@@ -11,16 +11,20 @@ pub mod demo;
 pub mod error;
 pub mod gate;
 pub mod guest;
+pub mod hmp;
 pub mod linux;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod notify;
 pub mod passthrough;
 pub mod policy;
+pub mod qemu;
 pub mod qmp_client;
 pub mod serial;
 pub mod unix;
 pub mod update;
+pub mod update_cmd;
 pub mod vmm;
 
 /// Runs the command line; returns the process exit code.
@@ -53,6 +57,8 @@ pub fn main_with(cli: config::Cli) -> i32 {
                 1
             }
         },
+        config::Command::Update(args) => update_cmd::run(&args),
+        config::Command::Monitor { socket } => hmp::run(&socket),
         config::Command::Inspect { file } => match vmm::inspect(&file) {
             Ok(text) => {
                 print!("{text}");

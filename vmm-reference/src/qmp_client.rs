@@ -134,6 +134,39 @@ impl QmpClient {
         self.read_answer(&id)
     }
 
+    /// [`execute`](Self::execute), handing every event that arrives before the answer to
+    /// `on_event` as it arrives (an update's progress).
+    pub fn execute_watching(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        mut on_event: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
+        let id = json!(self.next_id);
+        self.next_id += 1;
+        let mut text = json!({"execute": command, "arguments": arguments, "id": id}).to_string();
+        text.push('\n');
+        self.writer.write_all(text.as_bytes()).map_err(io)?;
+        loop {
+            let msg = self.read_message()?;
+            if msg.get("event").is_some() {
+                on_event(&msg);
+                continue;
+            }
+            if msg.get("id") != Some(&id) {
+                continue;
+            }
+            if let Some(r) = msg.get("return") {
+                return Ok(r.clone());
+            }
+            let err = msg.get("error").cloned().unwrap_or(Value::Null);
+            return Err(ClientError::Qmp {
+                class: err["class"].as_str().unwrap_or("?").to_string(),
+                desc: err["desc"].as_str().unwrap_or("?").to_string(),
+            });
+        }
+    }
+
     /// Waits for an event named `name` (events already received count).
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, ClientError> {
         let start = Instant::now();

@@ -364,7 +364,10 @@ impl Vmm {
         }
     }
 
-    fn cpr_save_inner(&mut self, req: &Request) -> std::result::Result<Option<Outcome>, QmpError> {
+    pub(crate) fn cpr_save_inner(
+        &mut self,
+        req: &Request,
+    ) -> std::result::Result<Option<Outcome>, QmpError> {
         let args = &req.arguments;
         check_arguments(args, &["mode", "path", "binary", "args", "uri", "version"])?;
         let mode: Mode = match args.get("mode") {
@@ -451,6 +454,7 @@ impl Vmm {
         self.waiting = None;
         match result {
             Ok(UpdateOutcome::Transferred { started }) => {
+                crate::notify::send("STATUS=the guest runs in the new VMM process; exiting");
                 log::info!(
                     "cpr transfer: the new VMM owns the guest{}; exiting",
                     if started {
@@ -577,6 +581,7 @@ impl Vmm {
             log::warn!("handed-over fd `{name}` was not used");
         }
         self.last_update = Some(data.clone());
+        self.migration_arrived(blackout.map(|us| us / 1000), r.fallback.as_deref());
         if let Some(m) = &self.machine {
             m.serial.start_input();
         }
@@ -742,7 +747,13 @@ impl Updatable for Vmm {
             Ok(())
         };
         m.serial.register_fds(&mut collect)?;
-        if let Some(mon) = &self.monitor {
+        // A QEMU-style `migrate` leaves the monitor with this process, as QEMU's source
+        // keeps its own.
+        if let Some(mon) = self
+            .monitor
+            .as_ref()
+            .filter(|_| !self.migration.keep_monitor)
+        {
             mon.register_fds(&mut collect)?;
             out.write(0, &mon.carry())?;
         }
@@ -786,6 +797,7 @@ impl Updatable for Vmm {
         let cfg: VmmConfigSection = input.take(0)?;
         let layout: MemoryLayout = input.take(0)?;
         let plan = plan(&self.config, &cfg, &layout, input.mode())?;
+        self.arrived.by_transfer = input.mode() == Mode::Transfer;
         let vcpus = plan.vcpus;
         self.ids = *input.ids();
         let mut fds: HashMap<String, OwnedFd> = input
@@ -938,6 +950,10 @@ impl Updatable for Vmm {
                 m.ram
                     .write_stamp(&Stamp::live(self.ids.vm, self.ids.generation))?;
             }
+        }
+        if self.arrived.by_transfer {
+            // Before the old process hears that the guest runs here, and so before it exits.
+            crate::notify::send(&format!("MAINPID={}\nREADY=1", std::process::id()));
         }
         Ok(())
     }

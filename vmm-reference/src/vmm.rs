@@ -71,6 +71,9 @@ pub enum RunState {
     Paused,
     /// Waiting for `cpr-load`.
     Incoming,
+    /// The guest went to another process (or into a state file) by `migrate`; waiting for
+    /// `quit`, as QEMU's source does.
+    Postmigrate,
 }
 
 /// What the new side of an update learned in `restore`, acted on once the guest is ours.
@@ -86,6 +89,8 @@ pub struct Arrived {
     pub serial: String,
     /// Whether the monitor came with the update (and goes if it fails).
     pub monitor_from_fds: bool,
+    /// Whether the guest comes by a transfer (a new process, so a new main PID).
+    pub by_transfer: bool,
 }
 
 /// The VMM.
@@ -114,6 +119,8 @@ pub struct Vmm {
     pub(crate) arrived: Arrived,
     /// Updates this VMM took part in (`next` builds carry it across).
     pub(crate) update_count: u64,
+    /// QEMU's migration parameters and status.
+    pub(crate) migration: crate::qemu::Migration,
 }
 
 fn q(e: impl std::fmt::Display) -> QmpError {
@@ -146,6 +153,7 @@ impl Vmm {
             saving: None,
             arrived: Arrived::default(),
             update_count: 0,
+            migration: Default::default(),
         })
     }
 
@@ -191,6 +199,10 @@ impl Vmm {
                 vmm.boot()?;
                 vmm.bind_monitor()?;
             }
+        }
+        // A transfer's new process said it (with MAINPID=) when it took the guest.
+        if !vmm.arrived.by_transfer {
+            crate::notify::send("READY=1");
         }
         Ok(vmm)
     }
@@ -371,6 +383,12 @@ impl Vmm {
                     .and_then(Passthrough::model_status)
                     .ok_or_else(|| q("no VFIO device on the model kernel"))
             }),
+            "migrate-set-parameters" => self.migrate_set_parameters(&req.arguments),
+            "query-migrate-parameters" => args(&[]).map(|()| self.query_migrate_parameters()),
+            "migrate" => return self.migrate(req),
+            "migrate-incoming" => self.migrate_incoming(&req.arguments),
+            "query-migrate" => args(&[]).map(|()| self.query_migrate()),
+            "migrate_cancel" => args(&[]).map(|()| json!({})),
             "query-commands" => args(&[]).map(|()| {
                 json!(COMMANDS
                     .iter()
@@ -391,6 +409,7 @@ impl Vmm {
             RunState::Running => "running",
             RunState::Paused => "paused",
             RunState::Incoming => "inmigrate",
+            RunState::Postmigrate => "postmigrate",
         };
         json!({"status": status, "running": self.state == RunState::Running})
     }
@@ -421,6 +440,9 @@ impl Vmm {
             }
             RunState::Running => Ok(json!({})),
             RunState::Incoming => Err(q("no VM yet: waiting for cpr-load")),
+            RunState::Postmigrate => Err(q(
+                "the guest was migrated away from this VMM: it runs (or will) elsewhere; quit",
+            )),
         }
     }
 
@@ -525,7 +547,10 @@ impl Vmm {
         Ok(json!({}))
     }
 
-    fn cpr_load(&mut self, args: &Map<String, Value>) -> std::result::Result<Value, QmpError> {
+    pub(crate) fn cpr_load(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> std::result::Result<Value, QmpError> {
         if self.state != RunState::Incoming {
             return Err(q("cpr-load needs a VMM started with --incoming defer"));
         }
@@ -556,6 +581,12 @@ pub const COMMANDS: &[&str] = &[
     "x-demo-reset-gap",
     "x-guest-read",
     "x-vfio-status",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "migrate",
+    "migrate-incoming",
+    "query-migrate",
+    "migrate_cancel",
     "query-commands",
 ];
 
