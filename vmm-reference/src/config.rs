@@ -197,7 +197,8 @@ pub struct RunConfig {
     /// match if given).
     #[arg(long)]
     pub vcpus: Option<usize>,
-    /// Serial backend: stdout, null, file:PATH or unix:PATH.
+    /// Serial backend: stdout, null, pty (a new pseudo-terminal, its path printed), file:PATH
+    /// or unix:PATH.
     #[arg(long, default_value = "stdout")]
     pub serial: SerialConfig,
     /// QMP monitor socket path.

@@ -51,6 +51,9 @@ pub enum SerialConfig {
     Unix(PathBuf),
     /// Discarded.
     Null,
+    /// A new pseudo-terminal, whose path is printed (as QEMU's `-serial pty`); kept across
+    /// restart and transfer, so a terminal attached to it stays attached.
+    Pty,
 }
 
 impl std::str::FromStr for SerialConfig {
@@ -59,11 +62,12 @@ impl std::str::FromStr for SerialConfig {
         match s {
             "stdout" | "stdio" => Ok(SerialConfig::Stdout),
             "null" | "none" => Ok(SerialConfig::Null),
+            "pty" => Ok(SerialConfig::Pty),
             _ => match s.split_once(':') {
                 Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(p.into())),
                 Some(("unix", p)) if !p.is_empty() => Ok(SerialConfig::Unix(p.into())),
                 _ => Err(format!(
-                    "serial backend `{s}`: use stdout, null, file:PATH or unix:PATH"
+                    "serial backend `{s}`: use stdout, null, pty, file:PATH or unix:PATH"
                 )),
             },
         }
@@ -179,6 +183,8 @@ pub enum SerialOut {
     File(Arc<File>),
     /// The current socket client, if any.
     Socket(Arc<Mutex<Option<UnixStream>>>),
+    /// A pty's master side (non-blocking: output nobody reads is dropped, never waited for).
+    Pty(Arc<File>),
     /// Nowhere.
     Null,
 }
@@ -207,6 +213,10 @@ impl Write for SerialOut {
                         *guard = None;
                     }
                 }
+                Ok(buf.len())
+            }
+            SerialOut::Pty(m) => {
+                let _ = (&**m).write(buf);
                 Ok(buf.len())
             }
             SerialOut::Null => Ok(buf.len()),
@@ -256,7 +266,75 @@ enum Backend {
         listener: Arc<UnixListener>,
         client: Arc<Mutex<Option<UnixStream>>>,
     },
+    /// The master, and the slave kept open so the pty stays up with no terminal attached.
+    Pty {
+        master: Arc<File>,
+        slave: Arc<File>,
+    },
     Null,
+}
+
+/// A new pty with a raw slave (no echo, no line editing: the guest's bytes pass as they
+/// are), its master non-blocking.
+fn open_pty() -> Result<(File, File)> {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new fds into the ints; null name, termios and winsize are
+    // allowed.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(Error::Io(format!(
+            "openpty: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: both fds are new and owned by nothing else.
+    let (master, slave) = unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) };
+    for fd in [master.as_raw_fd(), slave.as_raw_fd()] {
+        // SAFETY: F_SETFD on an fd we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
+    // SAFETY: tcgetattr fills the termios we pass; cfmakeraw and tcsetattr edit and read it.
+    unsafe {
+        if libc::tcgetattr(slave.as_raw_fd(), t.as_mut_ptr()) == 0 {
+            let mut t = t.assume_init();
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+    // SAFETY: F_GETFL/F_SETFL on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    Ok((master, slave))
+}
+
+/// The path of a pty's slave.
+fn pty_path(slave: &File) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "an unknown pty".into())
+}
+
+/// Says where the console is, as QEMU does.
+fn announce_pty(slave: &File, kept: bool) {
+    let path = pty_path(slave);
+    if kept {
+        log::info!("serial: the pty {path} stays the console");
+    } else {
+        eprintln!("char device redirected to {path} (label serial0)");
+        log::info!("serial: console on {path}");
+    }
 }
 
 /// A terminal on stdin put into raw mode, and how to put it back.
@@ -334,6 +412,14 @@ impl SerialDevice {
                 ),
                 client: Arc::new(Mutex::new(None)),
             },
+            SerialConfig::Pty => {
+                let (master, slave) = open_pty()?;
+                announce_pty(&slave, false);
+                Backend::Pty {
+                    master: Arc::new(master),
+                    slave: Arc::new(slave),
+                }
+            }
         };
         Self::with_backend(backend, state, irq)
     }
@@ -343,6 +429,7 @@ impl SerialDevice {
             Backend::Stdout => SerialOut::Stdout,
             Backend::File(f) => SerialOut::File(f.clone()),
             Backend::Unix { client, .. } => SerialOut::Socket(client.clone()),
+            Backend::Pty { master, .. } => SerialOut::Pty(master.clone()),
             Backend::Null => SerialOut::Null,
         };
         if let Backend::Unix { client, .. } = &backend {
@@ -409,6 +496,20 @@ impl SerialDevice {
                     client: Arc::new(Mutex::new(client)),
                 }
             }
+            SerialConfig::Pty => {
+                let master = fds
+                    .take("serial.pty")
+                    .ok_or_else(|| missing("serial.pty"))?;
+                let slave = fds
+                    .take("serial.pty-slave")
+                    .ok_or_else(|| missing("serial.pty-slave"))?;
+                let slave = File::from(slave);
+                announce_pty(&slave, true);
+                Backend::Pty {
+                    master: Arc::new(File::from(master)),
+                    slave: Arc::new(slave),
+                }
+            }
         };
         Self::with_backend(backend, Some(state), irq)
     }
@@ -434,6 +535,15 @@ impl SerialDevice {
                 if let Some(c) = client.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                     reg("serial.client", FdKind::CONSOLE, dup(c.as_fd())?, b"")?;
                 }
+            }
+            Backend::Pty { master, slave } => {
+                reg("serial.pty", FdKind::CONSOLE, dup(master.as_fd())?, b"")?;
+                reg(
+                    "serial.pty-slave",
+                    FdKind::CONSOLE,
+                    dup(slave.as_fd())?,
+                    b"",
+                )?;
             }
             Backend::Stdout | Backend::Null => {}
         }
@@ -488,6 +598,17 @@ impl SerialDevice {
                 self.gate.thread_started();
                 std::thread::spawn(move || {
                     pump.run(&mut File::from(stdin));
+                    pump.gate.thread_ended();
+                });
+            }
+            Backend::Pty { master, .. } => {
+                let Ok(master) = master.try_clone() else {
+                    log::warn!("serial: cannot duplicate the pty; no console input");
+                    return;
+                };
+                self.gate.thread_started();
+                std::thread::spawn(move || {
+                    pump.run(&mut { master });
                     pump.gate.thread_ended();
                 });
             }
@@ -559,7 +680,14 @@ impl Pump {
             let n = match src.read(&mut buf[..free]) {
                 Ok(0) => return,
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    continue
+                }
                 Err(_) => return,
             };
             // Only this thread adds input, so the room seen above is still there.

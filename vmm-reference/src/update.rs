@@ -179,6 +179,7 @@ fn serial_string(cfg: &SerialConfig) -> String {
         SerialConfig::Null => "null".into(),
         SerialConfig::File(p) => format!("file:{}", p.display()),
         SerialConfig::Unix(p) => format!("unix:{}", p.display()),
+        SerialConfig::Pty => "pty".into(),
     }
 }
 

@@ -251,3 +251,79 @@ fn on_a_terminal_the_human_monitor_prompts_edits_and_remembers() {
     master.write_all(b"quit\r").unwrap();
     assert_eq!(wait_exit(&mut child, T).unwrap(), 0);
 }
+
+#[test]
+fn a_pty_console_stays_the_same_terminal_across_restart_and_transfer() {
+    if !have_kvm() {
+        return;
+    }
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = Dir::new("pty");
+    let mut a = args(&dir, "memfd", 1);
+    let i = a.iter().position(|s| s == "--serial").unwrap();
+    a[i + 1] = "pty".into();
+    let mut vm = start(&dir, &a, "vmm.log");
+    let log = dir.log("vmm.log");
+    let path = log
+        .split("char device redirected to ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the pty's path is printed:\n{log}"))
+        .to_string();
+    assert!(path.starts_with("/dev/pts/"), "{path}");
+    let mut tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(&path)
+        .unwrap();
+    let mut text = String::new();
+    // Reads the console until it shows `n` complete lines.
+    let mut lines_until = |tty: &mut std::fs::File, n: u64| {
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            let complete = vmm_reference::demo::check_serial(&text).unwrap();
+            if complete >= n {
+                return complete;
+            }
+            assert!(t.elapsed() < T, "{n} lines on the pty:\n{text}");
+            match tty.read(&mut buf) {
+                Ok(k) => text.push_str(&String::from_utf8_lossy(&buf[..k])),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("pty: {e}"),
+            }
+        }
+    };
+    let first = lines_until(&mut tty, 1);
+    let before = wait_progress(&mut vm.qmp, &vmm_reference::demo::Status::boot(1), 1).unwrap();
+    let r = vm
+        .qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap();
+    assert_eq!(r["mode"], "restart");
+    let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
+    check_continuity(&before, &after).unwrap();
+    // The same terminal, numbered lines without a gap or a repeat.
+    let second = lines_until(&mut tty, after.lines);
+    assert!(second > first);
+
+    let mut new =
+        spawn_transfer_target_with(&exe(), &dir.p("x.sock"), &[], &[], &dir.p("new.log")).unwrap();
+    let uri = format!("unix:{}", dir.s("x.sock"));
+    vm.qmp
+        .execute("cpr-save", json!({"mode": "transfer", "uri": uri}))
+        .unwrap();
+    assert_eq!(wait_exit(&mut vm.child, T).unwrap(), 0);
+    let later = wait_progress(&mut vm.qmp, &after, 1).unwrap();
+    lines_until(&mut tty, later.lines);
+    assert!(
+        dir.log("new.log").contains(&path),
+        "the new process kept {path}"
+    );
+    vm.qmp.execute("quit", json!({})).unwrap();
+    assert_eq!(wait_exit(&mut new, T).unwrap(), 0);
+}
