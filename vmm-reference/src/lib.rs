@@ -25,6 +25,7 @@ pub mod serial;
 pub mod unix;
 pub mod update;
 pub mod update_cmd;
+pub mod virtio_blk;
 pub mod vmm;
 
 /// Runs the command line; returns the process exit code.

@@ -590,7 +590,7 @@ pub const COMMANDS: &[&str] = &[
     "query-commands",
 ];
 
-fn wait_readable(fd: i32, timeout: Duration) {
+pub(crate) fn wait_readable(fd: i32, timeout: Duration) {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,

@@ -1,0 +1,596 @@
+// Copyright 2026 The cpr-rs authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A virtio-blk device on the virtio-mmio transport (version 2), on a raw image file,
+//! built on rust-vmm's virtio-queue, whose requests may be in flight when an update pauses.
+//!
+//! A worker thread serves the queue: the driver's `QueueNotify` wakes it, it takes every
+//! available request, does it on the image (`pread`/`pwrite`/`fdatasync`) and puts it in the
+//! used ring. **In-flight rule**: [`Blk::pause`] makes the worker finish every request the
+//! driver made available, then park; only then is the state captured (queue indices
+//! included). So a request is completed exactly once, by the old image, and none is left
+//! half-done; the time it took is returned, to be reported as its own phase. The new image
+//! starts with an empty queue position to serve from: what the driver adds later.
+//!
+//! Hostile drivers: descriptor chains are walked by virtio-queue (bounded by the queue
+//! size, loops cut), every guest address goes through vm-memory (out of range is an I/O
+//! error for that request, never host memory), a request moves at most [`MAX_REQUEST`]
+//! bytes, and a request beyond the image's end fails with `VIRTIO_BLK_S_IOERR`.
+//!
+//! Not wired into the reference VMM's machine yet (see the project's issue on virtio
+//! devices): this module is the device, its state and its in-flight rule, tested through a
+//! driver written in the tests and fuzzed as a hostile guest.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use cpr_snapshot::prelude::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::gate::lock;
+
+/// Bytes of MMIO space the device decodes.
+pub const MMIO_SIZE: u64 = 0x200;
+/// Largest queue.
+pub const QUEUE_MAX: u16 = 64;
+/// Most bytes one request moves.
+pub const MAX_REQUEST: u32 = 1 << 20;
+const SECTOR: u64 = 512;
+
+const MAGIC: u32 = 0x7472_6976;
+const VIRTIO_ID_BLOCK: u32 = 2;
+const F_VERSION_1: u64 = 1 << 32;
+const F_BLK_RO: u64 = 1 << 5;
+const F_BLK_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DRIVER_OK: u32 = 4;
+const INT_USED_RING: u32 = 1;
+
+/// The device's state, saved as section `virtio-blk`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Section)]
+#[section(name = "virtio-blk")]
+pub struct BlkSection {
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// `DeviceFeaturesSel`, `DriverFeaturesSel`, `QueueSel`.
+    pub selectors: Vec<u32>,
+    /// Interrupt status (used-ring notifications not yet acknowledged).
+    pub interrupt_status: u32,
+    /// The queue: size, ready, descriptor / driver / device area, next avail, next used.
+    pub queue: QueueSection,
+    /// Image size in sectors when saved.
+    pub capacity: u64,
+    /// Read-only device.
+    pub read_only: bool,
+    /// Requests completed since the device was created (carried across updates).
+    pub completed: u64,
+    /// Identity of the image (`st_dev`, `st_ino`), checked when the image is found again.
+    pub image_dev: u64,
+    /// See `image_dev`.
+    pub image_ino: u64,
+}
+
+/// virtio-queue's queue state, as saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
+pub struct QueueSection {
+    /// Queue size the driver chose.
+    pub size: u16,
+    /// Queue ready.
+    pub ready: bool,
+    /// Descriptor table.
+    pub desc_table: u64,
+    /// Available ring.
+    pub avail_ring: u64,
+    /// Used ring.
+    pub used_ring: u64,
+    /// Next available index to take.
+    pub next_avail: u16,
+    /// Next used index to fill.
+    pub next_used: u16,
+}
+
+/// Why a device cannot be built or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The image's size or identity.
+    #[error("disk image: {0}")]
+    Image(String),
+    /// A saved state that this device cannot take.
+    #[error("virtio-blk state: {0}")]
+    State(String),
+    /// A system call.
+    #[error("virtio-blk: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug)]
+struct Regs {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    queue: Queue,
+    completed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Ctl {
+    pause: bool,
+    parked: bool,
+    exit: bool,
+}
+
+/// The device, shared by the vCPUs (MMIO) and its worker.
+#[derive(Debug)]
+pub struct Blk {
+    regs: Mutex<Regs>,
+    mem: GuestMemoryMmap,
+    image: File,
+    capacity: u64,
+    read_only: bool,
+    wake: EventFd,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    /// Test builds: how long each request takes (to keep requests in flight).
+    delay: Duration,
+}
+
+fn identity(f: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+impl Blk {
+    /// A device on `image` (its size, rounded down to sectors, is the capacity).
+    pub fn new(image: File, read_only: bool, mem: GuestMemoryMmap) -> Result<Arc<Blk>, BlkError> {
+        let len = image.metadata()?.len();
+        if len < SECTOR {
+            return Err(BlkError::Image(format!(
+                "{len} bytes: smaller than one sector"
+            )));
+        }
+        let queue = Queue::new(QUEUE_MAX).map_err(|e| BlkError::State(format!("{e:?}")))?;
+        Ok(Arc::new(Blk {
+            regs: Mutex::new(Regs {
+                status: 0,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                interrupt_status: 0,
+                queue,
+                completed: 0,
+            }),
+            mem,
+            image,
+            capacity: len / SECTOR,
+            read_only,
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            ctl: Mutex::new(Ctl::default()),
+            cv: Condvar::new(),
+            delay: Duration::ZERO,
+        }))
+    }
+
+    /// The same device with each request taking `delay` (tests keep requests in flight).
+    pub fn with_delay(self: Arc<Self>, delay: Duration) -> Arc<Blk> {
+        match Arc::try_unwrap(self) {
+            Ok(mut b) => {
+                b.delay = delay;
+                Arc::new(b)
+            }
+            Err(a) => a,
+        }
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_BLK_FLUSH | if self.read_only { F_BLK_RO } else { 0 }
+    }
+
+    /// A driver's read of `data.len()` bytes at `offset` in the MMIO window.
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        let r = lock(&self.regs);
+        let v: u32 = match offset {
+            0x000 => MAGIC,
+            0x004 => 2,
+            0x008 => VIRTIO_ID_BLOCK,
+            0x00c => 0x554d_4551,
+            0x010 => match r.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 if r.queue_sel == 0 => u32::from(QUEUE_MAX),
+            0x044 => u32::from(r.queue_sel == 0 && r.queue.ready()),
+            0x060 => r.interrupt_status,
+            0x070 => r.status,
+            0x0fc => 0,
+            0x100 => self.capacity as u32,
+            0x104 => (self.capacity >> 32) as u32,
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    /// A driver's write at `offset`.
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let mut r = lock(&self.regs);
+        let q0 = r.queue_sel == 0;
+        match offset {
+            0x014 => r.device_features_sel = v,
+            0x020 => match r.driver_features_sel {
+                0 => r.driver_features = (r.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => r.driver_features = (r.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                _ => {}
+            },
+            0x024 => r.driver_features_sel = v,
+            0x030 => r.queue_sel = v,
+            0x038 if q0 => r.queue.set_size(v.min(u32::from(u16::MAX)) as u16),
+            0x044 if q0 => r.queue.set_ready(v == 1),
+            0x050 => {
+                drop(r);
+                let _ = self.wake.write(1);
+            }
+            0x064 => r.interrupt_status &= !v,
+            0x070 => {
+                if v == 0 {
+                    r.queue.reset();
+                    r.status = 0;
+                    r.driver_features = 0;
+                } else {
+                    let mut v = v;
+                    // FEATURES_OK only for features the device offered.
+                    if v & STATUS_FEATURES_OK != 0 && r.driver_features & !self.features() != 0 {
+                        v &= !STATUS_FEATURES_OK;
+                    }
+                    r.status = v;
+                }
+            }
+            0x080 if q0 => r.queue.set_desc_table_address(Some(v), None),
+            0x084 if q0 => r.queue.set_desc_table_address(None, Some(v)),
+            0x090 if q0 => r.queue.set_avail_ring_address(Some(v), None),
+            0x094 if q0 => r.queue.set_avail_ring_address(None, Some(v)),
+            0x0a0 if q0 => r.queue.set_used_ring_address(Some(v), None),
+            0x0a4 if q0 => r.queue.set_used_ring_address(None, Some(v)),
+            _ => {}
+        }
+    }
+
+    /// Serves every available request; returns how many were completed.
+    pub fn process(&self) -> usize {
+        let mut r = lock(&self.regs);
+        if r.status & STATUS_DRIVER_OK == 0 || !r.queue.ready() || !r.queue.is_valid(&self.mem) {
+            return 0;
+        }
+        let mut done = 0;
+        while let Some(chain) = r.queue.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            if !self.delay.is_zero() {
+                std::thread::sleep(self.delay);
+            }
+            let len = self.request(&descs);
+            if r.queue.add_used(&self.mem, head, len).is_err() {
+                break;
+            }
+            r.completed += 1;
+            r.interrupt_status |= INT_USED_RING;
+            done += 1;
+        }
+        done
+    }
+
+    /// Does one request; returns the bytes written into guest memory.
+    fn request(&self, descs: &[virtio_queue::desc::split::Descriptor]) -> u32 {
+        let (Some(head), Some(status)) = (descs.first(), descs.last()) else {
+            return 0;
+        };
+        if descs.len() < 2 || status.len() < 1 || !status.is_write_only() || head.len() < 16 {
+            return 0;
+        }
+        let mut hdr = [0u8; 16];
+        if self.mem.read_slice(&mut hdr, head.addr()).is_err() {
+            return 0;
+        }
+        let kind = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let data = &descs[1..descs.len() - 1];
+        let mut written = 0u32;
+        let code = match kind {
+            T_IN | T_OUT => self.transfer(kind, sector, data, &mut written),
+            T_FLUSH => match self.image.sync_data() {
+                Ok(()) => S_OK,
+                Err(_) => S_IOERR,
+            },
+            _ => S_UNSUPP,
+        };
+        if self.mem.write_obj(code, status.addr()).is_err() {
+            return written;
+        }
+        written.saturating_add(1)
+    }
+
+    fn transfer(
+        &self,
+        kind: u32,
+        sector: u64,
+        data: &[virtio_queue::desc::split::Descriptor],
+        written: &mut u32,
+    ) -> u8 {
+        let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        let Some(start) = sector.checked_mul(SECTOR) else {
+            return S_IOERR;
+        };
+        if total > u64::from(MAX_REQUEST)
+            || start
+                .checked_add(total)
+                .is_none_or(|end| end > self.capacity * SECTOR)
+            || (kind == T_OUT && self.read_only)
+        {
+            return S_IOERR;
+        }
+        let mut at = start;
+        for d in data {
+            let mut buf = vec![0u8; d.len() as usize];
+            let ok = if kind == T_IN {
+                d.is_write_only()
+                    && self.image.read_exact_at(&mut buf, at).is_ok()
+                    && self.mem.write_slice(&buf, d.addr()).is_ok()
+            } else {
+                !d.is_write_only()
+                    && self.mem.read_slice(&mut buf, d.addr()).is_ok()
+                    && self.image.write_all_at(&buf, at).is_ok()
+            };
+            if !ok {
+                return S_IOERR;
+            }
+            if kind == T_IN {
+                *written = written.saturating_add(d.len());
+            }
+            at += u64::from(d.len());
+        }
+        S_OK
+    }
+
+    /// Starts the worker.
+    pub fn spawn_worker(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
+        let b = self.clone();
+        std::thread::spawn(move || b.worker())
+    }
+
+    fn worker(&self) {
+        loop {
+            {
+                let c = lock(&self.ctl);
+                if c.exit {
+                    return;
+                }
+                if c.pause {
+                    // Everything the driver offered is done before parking.
+                    drop(c);
+                    while self.process() > 0 {}
+                    let mut c = lock(&self.ctl);
+                    c.parked = true;
+                    self.cv.notify_all();
+                    while c.pause && !c.exit {
+                        c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+                    }
+                    c.parked = false;
+                    continue;
+                }
+            }
+            crate::vmm::wait_readable(self.wake.as_raw_fd(), Duration::from_millis(50));
+            let _ = self.wake.read();
+            self.process();
+        }
+    }
+
+    /// Drains and parks the worker: every request the driver made available is completed.
+    /// Returns how long that took; fails (and leaves the worker running) past `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration, BlkError> {
+        let start = Instant::now();
+        let mut c = lock(&self.ctl);
+        c.pause = true;
+        let _ = self.wake.write(1);
+        while !c.parked {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                c.pause = false;
+                self.cv.notify_all();
+                return Err(BlkError::State(format!(
+                    "the worker did not drain within {timeout:?}"
+                )));
+            }
+            c = self
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Lets the worker serve again.
+    pub fn resume(&self) {
+        lock(&self.ctl).pause = false;
+        self.cv.notify_all();
+        let _ = self.wake.write(1);
+    }
+
+    /// Ends the worker.
+    pub fn stop(&self) {
+        lock(&self.ctl).exit = true;
+        self.cv.notify_all();
+        let _ = self.wake.write(1);
+    }
+
+    /// The state (call it paused).
+    pub fn save(&self) -> Result<BlkSection, BlkError> {
+        let r = lock(&self.regs);
+        let q = r.queue.state();
+        let (image_dev, image_ino) = identity(&self.image)?;
+        Ok(BlkSection {
+            status: r.status,
+            driver_features: r.driver_features,
+            selectors: vec![r.device_features_sel, r.driver_features_sel, r.queue_sel],
+            interrupt_status: r.interrupt_status,
+            queue: QueueSection {
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+            },
+            capacity: self.capacity,
+            read_only: self.read_only,
+            completed: r.completed,
+            image_dev,
+            image_ino,
+        })
+    }
+
+    /// The device again from `state`, on `image`, which must be the very file saved
+    /// (device and inode) of the same size, in guest memory `mem`.
+    pub fn restore(
+        state: &BlkSection,
+        image: File,
+        mem: GuestMemoryMmap,
+    ) -> Result<Arc<Blk>, BlkError> {
+        let (dev, ino) = identity(&image)?;
+        if (dev, ino) != (state.image_dev, state.image_ino) {
+            return Err(BlkError::Image(format!(
+                "not the image the state was saved with (dev {dev:#x} inode {ino}, saved dev \
+                 {:#x} inode {})",
+                state.image_dev, state.image_ino
+            )));
+        }
+        let b = Blk::new(image, state.read_only, mem)?;
+        if b.capacity != state.capacity {
+            return Err(BlkError::Image(format!(
+                "{} sectors, saved with {}",
+                b.capacity, state.capacity
+            )));
+        }
+        if state.driver_features & !b.features() != 0 || state.selectors.len() != 3 {
+            return Err(BlkError::State(
+                "features or selectors the device never offered".into(),
+            ));
+        }
+        let q = &state.queue;
+        if q.size > QUEUE_MAX || (q.ready && !q.size.is_power_of_two()) {
+            return Err(BlkError::State(format!("queue size {}", q.size)));
+        }
+        {
+            let mut r = lock(&b.regs);
+            r.status = state.status;
+            r.driver_features = state.driver_features;
+            (r.device_features_sel, r.driver_features_sel, r.queue_sel) =
+                (state.selectors[0], state.selectors[1], state.selectors[2]);
+            r.interrupt_status = state.interrupt_status;
+            r.completed = state.completed;
+            let vq = virtio_queue::QueueState {
+                max_size: QUEUE_MAX,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: false,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            r.queue = Queue::try_from(vq).map_err(|e| BlkError::State(format!("queue: {e:?}")))?;
+            if r.queue.ready() && !r.queue.is_valid(&b.mem) {
+                return Err(BlkError::State("queue areas outside guest memory".into()));
+            }
+        }
+        Ok(b)
+    }
+
+    /// Requests completed since the device was first created.
+    pub fn completed(&self) -> u64 {
+        lock(&self.regs).completed
+    }
+
+    /// The next used-ring index the device fills.
+    pub fn next_used(&self) -> u16 {
+        lock(&self.regs).queue.next_used()
+    }
+}
+
+impl Drop for Blk {
+    fn drop(&mut self) {
+        lock(&self.ctl).exit = true;
+        self.cv.notify_all();
+        let _ = self.wake.write(1);
+    }
+}
+
+/// The `virtio_blk` fuzz target: a hostile driver. The first bytes choose the queue set-up
+/// (size, the three areas anywhere in a 64 KiB guest, the available index), the rest fill
+/// guest memory (descriptors, rings, headers); then every available request is served, on
+/// a 32 KiB image. Returns the requests completed. Guest memory is all there is to touch.
+pub fn fuzz_driver(data: &[u8]) -> usize {
+    const MEM: usize = 64 << 10;
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), MEM)]) else {
+        return 0;
+    };
+    let (head, body) = data.split_at(data.len().min(16));
+    let mut h = [0u8; 16];
+    h[..head.len()].copy_from_slice(head);
+    let n = body.len().min(MEM);
+    let _ = mem.write_slice(&body[..n], vm_memory::GuestAddress(0));
+    let Ok(image) = cpr_memory::create_memfd("fuzz-disk", 32 << 10, None) else {
+        return 0;
+    };
+    let Ok(dev) = Blk::new(image, h[15] & 1 == 1, mem.clone()) else {
+        return 0;
+    };
+    let area = |i: usize| u32::from(u16::from_le_bytes([h[i], h[i + 1]]));
+    for (off, v) in [(0x70, 0), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
+        dev.mmio_write(off, &u32::to_le_bytes(v));
+    }
+    let regs = [
+        (0x38, u32::from(h[0]) + 1),
+        (0x80, area(2)),
+        (0x90, area(4)),
+        (0xa0, area(6)),
+        (0x44, 1),
+        (0x70, 15),
+    ];
+    for (off, v) in regs {
+        dev.mmio_write(off, &v.to_le_bytes());
+    }
+    let _ = mem.write_obj(
+        u16::from_le_bytes([h[8], h[9]]),
+        vm_memory::GuestAddress(u64::from(area(4)) + 2),
+    );
+    let done = dev.process();
+    dev.stop();
+    done
+}
