@@ -128,6 +128,32 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{s}` is too large"))
 }
 
+/// `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image.
+    pub path: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, read_only) = match s.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("--disk needs a path (PATH or PATH,ro)".into());
+        }
+        Ok(DiskConfig {
+            path: path.into(),
+            read_only,
+        })
+    }
+}
+
 /// Where to load state from at start-up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -204,6 +230,11 @@ pub struct RunConfig {
     /// QMP monitor socket path.
     #[arg(long)]
     pub monitor: Option<PathBuf>,
+    /// A raw disk image as a virtio-blk device (virtio-mmio at 0xd0000000): `PATH`, or
+    /// `PATH,ro` read-only. Kept open across restart and transfer; after a reboot the same
+    /// path must name the same file.
+    #[arg(long)]
+    pub disk: Option<DiskConfig>,
     /// Restore from a state file written by `cpr-save` mode reboot, `defer` to wait for
     /// `cpr-load`, or `transfer:SOCKET` to receive a running VM from `cpr-save` mode transfer.
     #[arg(long)]

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{kvm as kvm_err, Error, Result};
 use crate::serial::{SerialDevice, Uart, COM1_BASE, COM1_IRQ};
+use crate::virtio_blk::Blk;
 
 /// Most vCPUs the reference VMM runs (the demo guest counts ticks for 8).
 pub const MAX_VCPUS: usize = 8;
@@ -68,6 +69,20 @@ struct Shared {
     /// A thread waiting for the first entry, unparked by the vCPU that makes it.
     first_entry_waiter: Mutex<Option<Thread>>,
     gate: Gate,
+    /// The virtio-blk device at [`BLK_BASE`], once attached.
+    blk: std::sync::OnceLock<Arc<Blk>>,
+    /// How long the last pause waited for the disk's requests in flight, ns.
+    last_drain_ns: AtomicU64,
+    blk_worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Guest physical address of the virtio-blk device's MMIO window (in the 32-bit hole).
+pub const BLK_BASE: u64 = 0xd000_0000;
+
+/// The MMIO access at `addr` is the disk's: its offset in the window.
+fn blk_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(BLK_BASE)
+        .filter(|o| *o < crate::virtio_blk::MMIO_SIZE)
 }
 
 /// A vCPU and what it was configured with. Its thread holds the lock from the moment it
@@ -281,6 +296,9 @@ impl Machine {
                 first_entry_ns: AtomicU64::new(u64::MAX),
                 first_entry_waiter: Mutex::new(None),
                 gate: Gate::default(),
+                blk: std::sync::OnceLock::new(),
+                last_drain_ns: AtomicU64::new(0),
+                blk_worker: Mutex::new(None),
             }),
             events,
             threads: Vec::new(),
@@ -475,6 +493,7 @@ impl Machine {
     /// Stops the vCPU threads for good and waits for them, so the VM is torn down with no
     /// vCPU in the guest.
     pub fn shutdown(&mut self) {
+        self.stop_blk();
         if self.threads.is_empty() {
             return;
         }
@@ -521,7 +540,22 @@ impl Machine {
         let start = Instant::now();
         loop {
             match self.shared.pause.wait_parked(Duration::from_millis(50)) {
-                Ok(ns) => return Ok(ns),
+                Ok(ns) => {
+                    // Then the disk: every request the guest offered completes first.
+                    if let Some(b) = self.shared.blk.get() {
+                        match b.pause(timeout.saturating_sub(start.elapsed())) {
+                            Ok(d) => self
+                                .shared
+                                .last_drain_ns
+                                .store(d.as_nanos() as u64, Ordering::SeqCst),
+                            Err(e) => {
+                                self.resume();
+                                return Err(Error::State(e.to_string()));
+                            }
+                        }
+                    }
+                    return Ok(ns);
+                }
                 Err(e) if start.elapsed() >= timeout => {
                     self.resume();
                     return Err(e.into());
@@ -535,8 +569,40 @@ impl Machine {
         }
     }
 
+    /// Attaches the virtio-blk device at [`BLK_BASE`] and starts its worker (once).
+    pub fn attach_blk(&self, blk: Arc<Blk>) -> Result<()> {
+        let worker = blk.spawn_worker();
+        if self.shared.blk.set(blk).is_err() {
+            return Err(Error::State("a disk is attached already".into()));
+        }
+        *lock(&self.shared.blk_worker) = Some(worker);
+        Ok(())
+    }
+
+    /// The disk, if attached.
+    pub fn blk(&self) -> Option<&Arc<Blk>> {
+        self.shared.blk.get()
+    }
+
+    /// How long the last pause waited for the disk's requests in flight.
+    pub fn last_drain(&self) -> Duration {
+        Duration::from_nanos(self.shared.last_drain_ns.load(Ordering::SeqCst))
+    }
+
+    fn stop_blk(&self) {
+        if let Some(b) = self.shared.blk.get() {
+            b.stop();
+        }
+        if let Some(t) = lock(&self.shared.blk_worker).take() {
+            let _ = t.join();
+        }
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
+        if let Some(b) = self.shared.blk.get() {
+            b.resume();
+        }
         self.shared.first_entry_ns.store(u64::MAX, Ordering::SeqCst);
         self.shared.pause.release(Resume::Run);
     }
@@ -831,11 +897,20 @@ fn vcpu_loop(
                 }
                 None
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                match (shared.blk.get(), blk_offset(addr)) {
+                    (Some(b), Some(off)) => b.mmio_read(off, data),
+                    _ => data.fill(0xff),
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let (Some(b), Some(off)) = (shared.blk.get(), blk_offset(addr)) {
+                    b.mmio_write(off, data);
+                }
+                None
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => None,
             Ok(VcpuExit::Shutdown) => Some("the guest shut down (triple fault)".to_string()),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 Some(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))

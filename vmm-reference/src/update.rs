@@ -39,6 +39,8 @@ use cpr_snapshot::Persist;
 
 /// Name of the previous image's VM fd, closed by the new image once the guest runs.
 const RETIRED_VM: &str = "kvm.retired-vm";
+/// Name of the disk image's fd.
+const DISK_FD: &str = "disk.image";
 
 /// This application's name in states and hellos.
 pub const APP: &str = "vmm-reference";
@@ -137,7 +139,9 @@ pub fn schema() -> Schema {
         .type_version::<MemoryLayout>(2)
         .type_version::<MonitorSection>(2)
         .types(cpr_update::section_types())
-        .section::<ReplySection>();
+        .section::<ReplySection>()
+        .section::<crate::virtio_blk::BlkSection>()
+        .nested::<crate::virtio_blk::QueueSection>();
     #[cfg(feature = "next")]
     let b = b
         .next_version()
@@ -730,6 +734,21 @@ impl Updatable for Vmm {
             out.write(i as u32, v)?;
         }
         out.write(0, &m.serial.save())?;
+        if let Some(b) = m.blk() {
+            if !out.can_write::<crate::virtio_blk::BlkSection>() {
+                return Err(format!(
+                    "state version {} has no virtio-blk device: the target build cannot take \
+                     this disk",
+                    out.target_version()
+                )
+                .into());
+            }
+            out.write(0, &b.save()?)?;
+            log::info!("virtio-blk: drained in {} us", m.last_drain().as_micros());
+            if out.carries_fds() {
+                out.register(DISK_FD, FdKind(0x103), b.image_fd()?, b"")?;
+            }
+        }
         #[cfg(feature = "next")]
         if out.can_write::<StatsSection>() {
             out.write(
@@ -905,6 +924,30 @@ impl Updatable for Vmm {
             SerialDevice::restore(args, &serial_state)
         })?;
         self.config.serial = serial_cfg;
+        if let Some(state) = input.take_optional::<crate::virtio_blk::BlkSection>(0)? {
+            // Restart and transfer: the image fd came along. Reboot: the command line's path,
+            // which must name the very file the state was saved with.
+            let image = if carries {
+                std::fs::File::from(
+                    input
+                        .fds()
+                        .take(DISK_FD)
+                        .ok_or("the disk image's fd was not handed over")?,
+                )
+            } else {
+                let disk = self.config.disk.as_ref().ok_or(
+                    "the state has a virtio-blk disk: start with --disk and the same image",
+                )?;
+                crate::virtio_blk::open_image(&disk.path, state.read_only)?
+            };
+            let m = self.machine.as_ref().ok_or("no VM")?;
+            let blk = crate::virtio_blk::Blk::restore(&state, image, m.ram.memory().clone())?
+                .with_delay(crate::virtio_blk::test_delay());
+            m.attach_blk(blk)?;
+            input.mark("disk");
+        } else if !carries && self.config.disk.is_some() {
+            return Err("--disk given, but the state has no disk".into());
+        }
         if carries {
             let carried = input.take_optional::<MonitorSection>(0)?;
             let max = self.config.max_clients;

@@ -17,9 +17,9 @@
 //! error for that request, never host memory), a request moves at most [`MAX_REQUEST`]
 //! bytes, and a request beyond the image's end fails with `VIRTIO_BLK_S_IOERR`.
 //!
-//! Not wired into the reference VMM's machine yet (see the project's issue on virtio
-//! devices): this module is the device, its state and its in-flight rule, tested through a
-//! driver written in the tests and fuzzed as a hostile guest.
+//! The reference VMM attaches it with `--disk PATH[,ro]` at [`BLK_BASE`](crate::machine::BLK_BASE);
+//! the demo guest drives it (polling: it raises no interrupt the guest waits for; the
+//! interrupt status register is kept and saved).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -532,6 +532,12 @@ impl Blk {
         Ok(b)
     }
 
+    /// A duplicate of the image's fd, to hand over.
+    pub fn image_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.image.as_fd().try_clone_to_owned()
+    }
+
     /// Requests completed since the device was first created.
     pub fn completed(&self) -> u64 {
         lock(&self.regs).completed
@@ -549,6 +555,39 @@ impl Drop for Blk {
         self.cv.notify_all();
         let _ = self.wake.write(1);
     }
+}
+
+/// Opens the image `--disk` names (read-write unless `read_only`), without creating it; a
+/// regular file or a block device.
+pub fn open_image(path: &std::path::Path, read_only: bool) -> Result<File, BlkError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| BlkError::Image(format!("`{}`: {e}", path.display())))?;
+    let t = f.metadata()?.file_type();
+    if !t.is_file() && !t.is_block_device() {
+        return Err(BlkError::Image(format!(
+            "`{}` is neither a regular file nor a block device",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Test builds (`fault-injection`): `CPR_BLK_DELAY_US` makes each request take that long,
+/// at most 100 ms, so that requests are in flight when an update pauses.
+pub fn test_delay() -> Duration {
+    #[cfg(feature = "fault-injection")]
+    if let Some(us) = std::env::var("CPR_BLK_DELAY_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_micros(us.min(100_000));
+    }
+    Duration::ZERO
 }
 
 /// The `virtio_blk` fuzz target: a hostile driver. The first bytes choose the queue set-up

@@ -266,6 +266,15 @@ impl Vmm {
                 &machine.ram,
             )?);
         }
+        if let Some(disk) = &cfg.disk {
+            let image = crate::virtio_blk::open_image(&disk.path, disk.read_only)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let blk =
+                crate::virtio_blk::Blk::new(image, disk.read_only, machine.ram.memory().clone())
+                    .map_err(|e| Error::Config(e.to_string()))?
+                    .with_delay(crate::virtio_blk::test_delay());
+            machine.attach_blk(blk)?;
+        }
         machine.start()?;
         machine.serial.start_input();
         log::info!(
@@ -516,6 +525,11 @@ impl Vmm {
             "ticks": &s.ticks[..m.vcpu_count()], "pid": std::process::id(),
             "kvmclock-ns": m.kvmclock_ns(), "updates": self.update_count,
             "max-gap-tsc": s.max_gap_tsc,
+            "blk": if s.blk_present { json!({
+                "done": s.blk_done, "verified": s.blk_verified, "errors": s.blk_errors,
+                "device-completed": m.blk().map(|b| b.completed()),
+                "last-drain-us": m.last_drain().as_micros() as u64,
+            }) } else { Value::Null },
             "max-gap-us": m.tsc_khz().filter(|k| *k > 0).map(|k| s.max_gap_tsc * 1000 / u64::from(k)),
         }))
     }

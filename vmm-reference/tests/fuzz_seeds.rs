@@ -111,7 +111,11 @@ fn virtio_blk_seeds_are_current_and_replay() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(&path, &seed).unwrap();
     }
-    assert_eq!(std::fs::read(&path).unwrap(), seed, "regenerate with CPR_REGEN_SEEDS=1");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        seed,
+        "regenerate with CPR_REGEN_SEEDS=1"
+    );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     for sub in ["seeds/virtio_blk", "regressions/virtio_blk"] {
         if let Ok(entries) = std::fs::read_dir(root.join(sub)) {

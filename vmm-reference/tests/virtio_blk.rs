@@ -170,6 +170,7 @@ fn requests_in_flight_at_the_pause_complete_once_and_the_device_comes_back() {
     }
     // Paused with (very likely) most of the four still in flight: all are done first.
     let drained = dev.pause(Duration::from_secs(60)).unwrap();
+    eprintln!("drained in {drained:?}");
     assert_eq!(
         d.used_idx(),
         4,
