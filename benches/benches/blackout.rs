@@ -20,7 +20,8 @@
 //! Settings (environment): `CPR_BENCH_UPDATES` (default 20), `CPR_BENCH_SIZES` (default
 //! `1G,4G,16G,64G`), `CPR_BENCH_HUGE` (`0` to skip huge pages, which are measured up to
 //! `CPR_BENCH_HUGE_MAX`, default `4G`), `CPR_BENCH_MODES` (default `restart,transfer,reboot`),
-//! `CPR_BENCH_QEMU=1`, and `CPR_BENCH_QUICK=1` for CI (3 updates, 1 GiB, 4 KiB pages).
+//! `CPR_BENCH_QEMU=1`, `CPR_BENCH_DISK=1` (a virtio-blk disk the guest keeps busy), and
+//! `CPR_BENCH_QUICK=1` for CI (3 updates, 1 GiB, 4 KiB pages).
 //! Results also go to `target/cpr-bench/blackout.jsonl`.
 
 use std::collections::BTreeMap;
@@ -165,6 +166,16 @@ impl Bench {
         .collect();
         if pages == Pages::Huge2M && memory == "memfd" {
             a.extend(["--huge-pages".into(), "2M".into()]);
+        }
+        if std::env::var_os("CPR_BENCH_DISK").is_some() {
+            // The guest's virtio-blk driver keeps four requests going all the time.
+            let img = dir.join("disk.img");
+            if !img.exists() {
+                std::fs::File::create(&img)
+                    .and_then(|f| f.set_len(256 << 10))
+                    .expect("disk image");
+            }
+            a.extend(["--disk".into(), img.to_string_lossy().into_owned()]);
         }
         a
     }
