@@ -1,10 +1,9 @@
 // Copyright 2026 The cpr-rs authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A VMM of its own (KVM, memory it maps itself with an `AtomicBitmap`) that adopts its
-//! memory with cpr-memory and restarts into itself under a running guest with cpr-update:
-//! `cargo run -p cpr-update --example embed` (`cargo test` runs it too). The guest counts in
-//! memory and reports each count on port 0x10; the new image checks the count goes on.
+//! A VMM of its own (KVM, memory it maps itself with an `AtomicBitmap`, adopted by cpr-memory)
+//! that restarts into itself under a running guest with cpr-update (`cargo run -p cpr-update
+//! --example embed`; `cargo test` runs it): the guest counts, the new image checks it goes on.
 
 use cpr_kvm::kvm_bindings::{kvm_regs, kvm_userspace_memory_region as Slot};
 use cpr_kvm::kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -36,7 +35,6 @@ impl Embed {
     fn count(&self) -> u16 {
         self.ram.as_ref().expect("memory").memory().read_obj(GuestAddress(0x2000)).unwrap()
     }
-
     /// A VM on the memory, as any KVM VMM builds one.
     fn build_vm(&mut self) -> Result<(), BoxError> {
         let vm = Kvm::new()?.create_vm()?;
@@ -53,17 +51,16 @@ impl Embed {
         self.vm = Some((vm, vcpu));
         Ok(())
     }
-
     /// Runs the guest for `exits` port writes, checking the count moves by one each time.
     fn run(&mut self, exits: u32) -> Result<u16, BoxError> {
         let mut last = self.count();
         for _ in 0..exits {
-            let port = match self.vm.as_mut().ok_or("no VM")?.1.run()? {
-                VcpuExit::IoOut(port, _) => port,
+            match self.vm.as_mut().ok_or("no VM")?.1.run()? {
+                VcpuExit::IoOut(0x10, _) => {}
                 other => return Err(format!("after {last}: {other:?}").into()),
-            };
-            if port != 0x10 || self.count() != last.wrapping_add(1) {
-                return Err(format!("after {last}: port {port:#x}, count {}", self.count()).into());
+            }
+            if self.count() != last.wrapping_add(1) {
+                return Err(format!("count {} after {last}", self.count()).into());
             }
             last += 1;
         }
@@ -101,9 +98,8 @@ impl Updatable for Embed {
         let count = self.count();
         let (vm, vcpu) = self.vm.as_mut().ok_or("no VM")?;
         let caps = cpr_kvm::HostCaps::probe(&Kvm::new()?)?;
-        let (state, _) = cpr_kvm::complete_and_capture(vcpu, 0, &caps, &Default::default())?;
+        out.write(0, &cpr_kvm::complete_and_capture(vcpu, 0, &caps, &Default::default())?.0)?;
         out.write(0, &cpr_kvm::capture_vm(vm, false)?)?;
-        out.write(0, &state)?;
         Ok(out.write(0, &AtPause { count })?)
     }
     fn prepare(&mut self, input: &mut Loader<'_, '_>) -> Result<(), BoxError> {
@@ -116,10 +112,8 @@ impl Updatable for Embed {
         let (vm, vcpu) = self.vm.as_ref().ok_or("no VM")?;
         cpr_kvm::restore_vm(vm, &input.take(0)?, Frozen, 0)?;
         cpr_kvm::restore_vcpu(vcpu, &input.take(0)?, Frozen, 0)?;
-        match input.take::<AtPause>(0)?.count {
-            c if c == self.count() => Ok(()),
-            c => Err(format!("memory holds {}, saved {c}", self.count()).into()),
-        }
+        let saved: AtPause = input.take(0)?;
+        (saved.count == self.count()).then_some(()).ok_or("memory and state disagree".into())
     }
 }
 
@@ -151,8 +145,8 @@ fn main() -> Result<(), BoxError> {
     let Some(fds) = cpr_update::cpr_fd::reclaim()? else {
         boot(&mut vmm)?;
         println!("old image (pid {}): count {}, restarting", std::process::id(), vmm.run(300)?);
-        let program = std::env::current_exe()?;
-        let target = cpr_update::Target::Restart { program, args: vec![] };
+        let target =
+            cpr_update::Target::Restart { program: std::env::current_exe()?, args: vec![] };
         let failed = cpr_update::update(&mut vmm, &Ids::new_vm()?, target, &Default::default());
         return Err(failed.unwrap_err().into()); // a restart returns only when it failed
     };
