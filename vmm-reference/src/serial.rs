@@ -302,6 +302,12 @@ fn open_pty() -> Result<(File, File)> {
         // SAFETY: F_SETFD on an fd we own.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+    // The console is the owner's alone, whatever devpts was mounted with (`mode=620` lets
+    // the tty group write to it).
+    use std::os::unix::fs::PermissionsExt;
+    slave
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::Io(format!("pty permissions: {e}")))?;
     let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
     // SAFETY: tcgetattr fills the termios we pass; cfmakeraw and tcsetattr edit and read it.
     unsafe {

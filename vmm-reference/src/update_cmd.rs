@@ -183,7 +183,16 @@ fn start_target(
     let sock = dir.path().join("transfer.sock");
     let (stdout, stderr) = match log {
         Some(p) => {
-            let f = std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Owner-only whatever the umask; a symbolic link there is not followed.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
             let g = f.try_clone().map_err(|e| e.to_string())?;
             (Stdio::from(f), Stdio::from(g))
         }

@@ -113,7 +113,30 @@ fn update_restarts_and_transfers_and_refuses_with_the_guest_still_running() {
     assert_eq!(after.pid, before.pid);
 
     // Transfer: `update` starts the new process itself, which goes on after it exits.
-    let (code, out, err) = update(&["--monitor", &mon, "--mode", "transfer"]);
+    // With umask 000: the new process's log is created owner-only all the same.
+    let new_log = dir.s("new.log");
+    let out = Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$0\" \"$@\""])
+        .arg(exe())
+        .args([
+            "update",
+            "--monitor",
+            &mon,
+            "--mode",
+            "transfer",
+            "--new-log",
+            &new_log,
+        ])
+        .output()
+        .unwrap();
+    let (code, out, err) = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&new_log).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the new VMM's log");
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("transfer completed"), "{out}");
     assert_eq!(wait_exit(&mut vm.child, T).unwrap(), 0, "the old VMM exits");
@@ -272,6 +295,9 @@ fn a_pty_console_stays_the_same_terminal_across_restart_and_transfer() {
         .unwrap_or_else(|| panic!("the pty's path is printed:\n{log}"))
         .to_string();
     assert!(path.starts_with("/dev/pts/"), "{path}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the console is the owner's alone");
     let mut tty = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
