@@ -24,6 +24,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -146,8 +147,8 @@ pub struct Blk {
     wake: EventFd,
     ctl: Mutex<Ctl>,
     cv: Condvar,
-    /// Test builds: how long each request takes (to keep requests in flight).
-    delay: Duration,
+    /// Test builds: how long each request takes (to keep requests in flight), ns.
+    delay_ns: AtomicU64,
 }
 
 fn identity(f: &File) -> std::io::Result<(u64, u64)> {
@@ -184,19 +185,15 @@ impl Blk {
             wake: EventFd::new(EFD_NONBLOCK)?,
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
-            delay: Duration::ZERO,
+            delay_ns: AtomicU64::new(0),
         }))
     }
 
     /// The same device with each request taking `delay` (tests keep requests in flight).
     pub fn with_delay(self: Arc<Self>, delay: Duration) -> Arc<Blk> {
-        match Arc::try_unwrap(self) {
-            Ok(mut b) => {
-                b.delay = delay;
-                Arc::new(b)
-            }
-            Err(a) => a,
-        }
+        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        self.delay_ns.store(ns, Ordering::Relaxed);
+        self
     }
 
     fn features(&self) -> u64 {
@@ -237,6 +234,11 @@ impl Blk {
         let n = data.len().min(4);
         b[..n].copy_from_slice(&data[..n]);
         let v = u32::from_le_bytes(b);
+        if offset == 0x050 {
+            // QueueNotify: the worker's, without the registers.
+            let _ = self.wake.write(1);
+            return;
+        }
         let mut r = lock(&self.regs);
         let q0 = r.queue_sel == 0;
         match offset {
@@ -250,10 +252,6 @@ impl Blk {
             0x030 => r.queue_sel = v,
             0x038 if q0 => r.queue.set_size(v.min(u32::from(u16::MAX)) as u16),
             0x044 if q0 => r.queue.set_ready(v == 1),
-            0x050 => {
-                drop(r);
-                let _ = self.wake.write(1);
-            }
             0x064 => r.interrupt_status &= !v,
             0x070 => {
                 if v == 0 {
@@ -280,27 +278,38 @@ impl Blk {
     }
 
     /// Serves every available request; returns how many were completed.
+    ///
+    /// The registers are locked only to take a chain and to put it in the used ring, not
+    /// during the I/O, so a vCPU reading or writing them never waits for the disk.
     pub fn process(&self) -> usize {
-        let mut r = lock(&self.regs);
-        if r.status & STATUS_DRIVER_OK == 0 || !r.queue.ready() || !r.queue.is_valid(&self.mem) {
-            return 0;
-        }
         let mut done = 0;
-        while let Some(chain) = r.queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
-            if !self.delay.is_zero() {
-                std::thread::sleep(self.delay);
+        loop {
+            let (head, descs) = {
+                let mut r = lock(&self.regs);
+                if r.status & STATUS_DRIVER_OK == 0
+                    || !r.queue.ready()
+                    || !r.queue.is_valid(&self.mem)
+                {
+                    return done;
+                }
+                match r.queue.pop_descriptor_chain(&self.mem) {
+                    Some(chain) => (chain.head_index(), chain.collect::<Vec<_>>()),
+                    None => return done,
+                }
+            };
+            let delay = Duration::from_nanos(self.delay_ns.load(Ordering::Relaxed));
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
             }
             let len = self.request(&descs);
+            let mut r = lock(&self.regs);
             if r.queue.add_used(&self.mem, head, len).is_err() {
-                break;
+                return done;
             }
             r.completed += 1;
             r.interrupt_status |= INT_USED_RING;
             done += 1;
         }
-        done
     }
 
     /// Does one request; returns the bytes written into guest memory.
