@@ -103,10 +103,22 @@ impl QmpClient {
 
     /// Reads until the answer with `id`, keeping events for later.
     pub fn read_answer(&mut self, id: &Value) -> Result<Value, ClientError> {
+        let mut kept = Vec::new();
+        let r = self.answer_watching(id, |e| kept.push(e.clone()));
+        self.events.extend(kept);
+        r
+    }
+
+    /// Reads until the answer with `id`, handing each event to `on_event` as it arrives.
+    fn answer_watching(
+        &mut self,
+        id: &Value,
+        mut on_event: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
         loop {
             let msg = self.read_message()?;
             if msg.get("event").is_some() {
-                self.events.push_back(msg);
+                on_event(&msg);
                 continue;
             }
             if msg.get("id") != Some(id) {
@@ -123,14 +135,18 @@ impl QmpClient {
         }
     }
 
-    /// Runs a command and waits for its answer.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, ClientError> {
+    fn send_command(&mut self, command: &str, arguments: Value) -> Result<Value, ClientError> {
         let id = json!(self.next_id);
         self.next_id += 1;
-        let msg = json!({"execute": command, "arguments": arguments, "id": id});
-        let mut text = msg.to_string();
+        let mut text = json!({"execute": command, "arguments": arguments, "id": id}).to_string();
         text.push('\n');
         self.writer.write_all(text.as_bytes()).map_err(io)?;
+        Ok(id)
+    }
+
+    /// Runs a command and waits for its answer.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, ClientError> {
+        let id = self.send_command(command, arguments)?;
         self.read_answer(&id)
     }
 
@@ -140,31 +156,10 @@ impl QmpClient {
         &mut self,
         command: &str,
         arguments: Value,
-        mut on_event: impl FnMut(&Value),
+        on_event: impl FnMut(&Value),
     ) -> Result<Value, ClientError> {
-        let id = json!(self.next_id);
-        self.next_id += 1;
-        let mut text = json!({"execute": command, "arguments": arguments, "id": id}).to_string();
-        text.push('\n');
-        self.writer.write_all(text.as_bytes()).map_err(io)?;
-        loop {
-            let msg = self.read_message()?;
-            if msg.get("event").is_some() {
-                on_event(&msg);
-                continue;
-            }
-            if msg.get("id") != Some(&id) {
-                continue;
-            }
-            if let Some(r) = msg.get("return") {
-                return Ok(r.clone());
-            }
-            let err = msg.get("error").cloned().unwrap_or(Value::Null);
-            return Err(ClientError::Qmp {
-                class: err["class"].as_str().unwrap_or("?").to_string(),
-                desc: err["desc"].as_str().unwrap_or("?").to_string(),
-            });
-        }
+        let id = self.send_command(command, arguments)?;
+        self.answer_watching(&id, on_event)
     }
 
     /// Waits for an event named `name` (events already received count).

@@ -81,6 +81,18 @@ fn wait_in_flight(qmp: &mut QmpClient) {
     }
 }
 
+/// What the old side logged each time the disk drained for an update.
+fn drains(dir: &Dir) -> Vec<String> {
+    dir.log("vmm-1.log")
+        .lines()
+        .filter_map(|l| {
+            l.split("virtio-blk: drained in ")
+                .nth(1)
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// At a stop: the requests the guest made available, the device completed and put in the
 /// used ring are the same number (mod 2^16 for the ring indices).
 fn counters_agree(qmp: &mut QmpClient) {
@@ -161,15 +173,7 @@ fn disk_io_in_flight_survives_restart_and_transfer() {
     check_continuity(&after, &later).unwrap();
     wait_verified(&mut vm.qmp, b1["verified"].as_u64().unwrap(), 8);
     counters_agree(&mut vm.qmp);
-    let drains: Vec<String> = dir
-        .log("vmm-1.log")
-        .lines()
-        .filter_map(|l| {
-            l.split("virtio-blk: drained in ")
-                .nth(1)
-                .map(str::to_string)
-        })
-        .collect();
+    let drains = drains(&dir);
     eprintln!("virtio-blk drains before the restart and the transfer: {drains:?}");
     vm.qmp.execute("quit", json!({})).unwrap();
     assert_eq!(wait_exit(&mut new, T).unwrap(), 0);
@@ -188,15 +192,7 @@ fn disk_io_in_flight_survives_a_reboot_and_only_on_the_same_image() {
     let b0 = wait_verified(&mut vm.qmp, 0, 4);
     wait_in_flight(&mut vm.qmp);
     save_for_reboot(&mut vm);
-    let drains: Vec<String> = dir
-        .log("vmm-1.log")
-        .lines()
-        .filter_map(|l| {
-            l.split("virtio-blk: drained in ")
-                .nth(1)
-                .map(str::to_string)
-        })
-        .collect();
+    let drains = drains(&dir);
     eprintln!("virtio-blk drain before the reboot save: {drains:?}");
     let base = with_disk(&dir, &dir.shm_arg());
 

@@ -9,13 +9,10 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use vmm_reference::demo::{
-    check_continuity, skipped, spawn_transfer_target_with, wait_exit, wait_progress, Status,
-};
+use vmm_reference::demo::{check_continuity, skipped, wait_progress, Status};
 use vmm_reference::qmp_client::QmpClient;
 
 const GIB: u64 = 1 << 30;
@@ -80,25 +77,11 @@ fn a_64_gib_guest_keeps_its_memory_above_4_gib_through_every_mode() {
     // Transfer.
     let memory = dir.shm_arg();
     let state_dir = dir.s("");
-    let mut new = spawn_transfer_target_with(
-        &exe(),
-        &dir.p("xfer.sock"),
+    transfer(
+        &mut vm,
+        &dir,
         &["--memory", &memory, "--state-dir", &state_dir],
-        &[],
-        &dir.p("new.log"),
-    )
-    .unwrap();
-    vm.qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
-        )
-        .unwrap();
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0
     );
-    std::mem::swap(&mut vm.child, &mut *new);
     let after2 = wait_progress(&mut vm.qmp, &after, 1).unwrap();
     check_continuity(&after, &after2).unwrap();
     assert_eq!(read_high(&mut vm.qmp), PATTERN, "after transfer");
@@ -193,25 +176,7 @@ fn a_guest_on_huge_pages_survives_restart_and_transfer_and_no_pages_is_a_clear_e
         .unwrap();
     let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
     check_continuity(&before, &after).unwrap();
-    let mut new = spawn_transfer_target_with(
-        &exe(),
-        &dir.p("xfer.sock"),
-        &["--huge-pages", "2M"],
-        &[],
-        &dir.p("new.log"),
-    )
-    .unwrap();
-    vm.qmp
-        .execute(
-            "cpr-save",
-            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
-        )
-        .unwrap();
-    assert_eq!(
-        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-        0
-    );
-    std::mem::swap(&mut vm.child, &mut *new);
+    transfer(&mut vm, &dir, &["--huge-pages", "2M"]);
     let after2 = wait_progress(&mut vm.qmp, &after, 1).unwrap();
     check_continuity(&after, &after2).unwrap();
     // Kept in place, not copied: no more huge pages in use than before.

@@ -243,3 +243,28 @@ pub fn script(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A transfer to a new VMM started with `args` (and `--incoming transfer:` the test's
+/// socket): the old one must exit 0, and `vm` then holds the new process, on the same
+/// monitor connection.
+pub fn transfer(vm: &mut Vm, dir: &Dir, args: &[&str]) {
+    let mut new = vmm_reference::demo::spawn_transfer_target_with(
+        &exe(),
+        &dir.p("xfer.sock"),
+        args,
+        &[],
+        &dir.p("new.log"),
+    )
+    .unwrap();
+    vm.qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
+        )
+        .unwrap();
+    assert_eq!(
+        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
+        0
+    );
+    std::mem::swap(&mut vm.child, &mut *new);
+}
