@@ -26,6 +26,7 @@ pub mod unix;
 pub mod update;
 pub mod update_cmd;
 pub mod virtio_blk;
+pub mod virtio_mmio;
 pub mod vmm;
 
 /// Runs the command line; returns the process exit code.

@@ -22,30 +22,27 @@
 //! interrupt status register is kept and saved).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cpr_snapshot::prelude::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::gate::lock;
+use crate::virtio_mmio::{MmioDevice, Transport, TransportState, Worker, F_VERSION_1};
+pub use crate::virtio_mmio::{QueueSection, MMIO_SIZE};
 
-/// Bytes of MMIO space the device decodes.
-pub const MMIO_SIZE: u64 = 0x200;
 /// Largest queue.
 pub const QUEUE_MAX: u16 = 64;
 /// Most bytes one request moves.
 pub const MAX_REQUEST: u32 = 1 << 20;
 const SECTOR: u64 = 512;
 
-const MAGIC: u32 = 0x7472_6976;
 const VIRTIO_ID_BLOCK: u32 = 2;
-const F_VERSION_1: u64 = 1 << 32;
 const F_BLK_RO: u64 = 1 << 5;
 const F_BLK_FLUSH: u64 = 1 << 9;
 const T_IN: u32 = 0;
@@ -54,9 +51,6 @@ const T_FLUSH: u32 = 4;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_DRIVER_OK: u32 = 4;
-const INT_USED_RING: u32 = 1;
 
 /// The device's state, saved as section `virtio-blk`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Section)]
@@ -84,25 +78,6 @@ pub struct BlkSection {
     pub image_ino: u64,
 }
 
-/// virtio-queue's queue state, as saved.
-#[derive(Clone, Debug, Default, PartialEq, Eq, State)]
-pub struct QueueSection {
-    /// Queue size the driver chose.
-    pub size: u16,
-    /// Queue ready.
-    pub ready: bool,
-    /// Descriptor table.
-    pub desc_table: u64,
-    /// Available ring.
-    pub avail_ring: u64,
-    /// Used ring.
-    pub used_ring: u64,
-    /// Next available index to take.
-    pub next_avail: u16,
-    /// Next used index to fill.
-    pub next_used: u16,
-}
-
 /// Why a device cannot be built or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
@@ -119,21 +94,8 @@ pub enum BlkError {
 
 #[derive(Debug)]
 struct Regs {
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    interrupt_status: u32,
-    queue: Queue,
+    t: Transport,
     completed: u64,
-}
-
-#[derive(Debug, Default)]
-struct Ctl {
-    pause: bool,
-    parked: bool,
-    exit: bool,
 }
 
 /// The device, shared by the vCPUs (MMIO) and its worker.
@@ -144,9 +106,7 @@ pub struct Blk {
     image: File,
     capacity: u64,
     read_only: bool,
-    wake: EventFd,
-    ctl: Mutex<Ctl>,
-    cv: Condvar,
+    worker: Worker,
     /// Test builds: how long each request takes (to keep requests in flight), ns.
     delay_ns: AtomicU64,
 }
@@ -155,6 +115,10 @@ fn identity(f: &File) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = f.metadata()?;
     Ok((m.dev(), m.ino()))
+}
+
+fn features(read_only: bool) -> u64 {
+    F_VERSION_1 | F_BLK_FLUSH | if read_only { F_BLK_RO } else { 0 }
 }
 
 impl Blk {
@@ -166,25 +130,15 @@ impl Blk {
                 "{len} bytes: smaller than one sector"
             )));
         }
-        let queue = Queue::new(QUEUE_MAX).map_err(|e| BlkError::State(format!("{e:?}")))?;
+        let t = Transport::new(VIRTIO_ID_BLOCK, features(read_only), 1, QUEUE_MAX)
+            .map_err(BlkError::State)?;
         Ok(Arc::new(Blk {
-            regs: Mutex::new(Regs {
-                status: 0,
-                device_features_sel: 0,
-                driver_features_sel: 0,
-                driver_features: 0,
-                queue_sel: 0,
-                interrupt_status: 0,
-                queue,
-                completed: 0,
-            }),
+            regs: Mutex::new(Regs { t, completed: 0 }),
             mem,
             image,
             capacity: len / SECTOR,
             read_only,
-            wake: EventFd::new(EFD_NONBLOCK)?,
-            ctl: Mutex::new(Ctl::default()),
-            cv: Condvar::new(),
+            worker: Worker::new()?,
             delay_ns: AtomicU64::new(0),
         }))
     }
@@ -196,85 +150,20 @@ impl Blk {
         self
     }
 
-    fn features(&self) -> u64 {
-        F_VERSION_1 | F_BLK_FLUSH | if self.read_only { F_BLK_RO } else { 0 }
-    }
-
     /// A driver's read of `data.len()` bytes at `offset` in the MMIO window.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        let r = lock(&self.regs);
-        let v: u32 = match offset {
-            0x000 => MAGIC,
-            0x004 => 2,
-            0x008 => VIRTIO_ID_BLOCK,
-            0x00c => 0x554d_4551,
-            0x010 => match r.device_features_sel {
-                0 => self.features() as u32,
-                1 => (self.features() >> 32) as u32,
-                _ => 0,
-            },
-            0x034 if r.queue_sel == 0 => u32::from(QUEUE_MAX),
-            0x044 => u32::from(r.queue_sel == 0 && r.queue.ready()),
-            0x060 => r.interrupt_status,
-            0x070 => r.status,
-            0x0fc => 0,
-            0x100 => self.capacity as u32,
-            0x104 => (self.capacity >> 32) as u32,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
-        data[n..].fill(0);
+        let config = self.capacity.to_le_bytes();
+        lock(&self.regs).t.read(offset, data, &config);
     }
 
     /// A driver's write at `offset`.
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
-        let mut b = [0u8; 4];
-        let n = data.len().min(4);
-        b[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(b);
-        if offset == 0x050 {
-            // QueueNotify: the worker's, without the registers.
-            let _ = self.wake.write(1);
+        if offset == crate::virtio_mmio::QUEUE_NOTIFY {
+            // The worker's, without the registers.
+            self.worker.kick();
             return;
         }
-        let mut r = lock(&self.regs);
-        let q0 = r.queue_sel == 0;
-        match offset {
-            0x014 => r.device_features_sel = v,
-            0x020 => match r.driver_features_sel {
-                0 => r.driver_features = (r.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => r.driver_features = (r.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
-                _ => {}
-            },
-            0x024 => r.driver_features_sel = v,
-            0x030 => r.queue_sel = v,
-            0x038 if q0 => r.queue.set_size(v.min(u32::from(u16::MAX)) as u16),
-            0x044 if q0 => r.queue.set_ready(v == 1),
-            0x064 => r.interrupt_status &= !v,
-            0x070 => {
-                if v == 0 {
-                    r.queue.reset();
-                    r.status = 0;
-                    r.driver_features = 0;
-                } else {
-                    let mut v = v;
-                    // FEATURES_OK only for features the device offered.
-                    if v & STATUS_FEATURES_OK != 0 && r.driver_features & !self.features() != 0 {
-                        v &= !STATUS_FEATURES_OK;
-                    }
-                    r.status = v;
-                }
-            }
-            0x080 if q0 => r.queue.set_desc_table_address(Some(v), None),
-            0x084 if q0 => r.queue.set_desc_table_address(None, Some(v)),
-            0x090 if q0 => r.queue.set_avail_ring_address(Some(v), None),
-            0x094 if q0 => r.queue.set_avail_ring_address(None, Some(v)),
-            0x0a0 if q0 => r.queue.set_used_ring_address(Some(v), None),
-            0x0a4 if q0 => r.queue.set_used_ring_address(None, Some(v)),
-            _ => {}
-        }
+        lock(&self.regs).t.write(offset, data);
     }
 
     /// Serves every available request; returns how many were completed.
@@ -286,13 +175,10 @@ impl Blk {
         loop {
             let (head, descs) = {
                 let mut r = lock(&self.regs);
-                if r.status & STATUS_DRIVER_OK == 0
-                    || !r.queue.ready()
-                    || !r.queue.is_valid(&self.mem)
-                {
+                let Some(q) = r.t.ready_queue(0, &self.mem) else {
                     return done;
-                }
-                match r.queue.pop_descriptor_chain(&self.mem) {
+                };
+                match q.pop_descriptor_chain(&self.mem) {
                     Some(chain) => (chain.head_index(), chain.collect::<Vec<_>>()),
                     None => return done,
                 }
@@ -303,11 +189,14 @@ impl Blk {
             }
             let len = self.request(&descs);
             let mut r = lock(&self.regs);
-            if r.queue.add_used(&self.mem, head, len).is_err() {
+            let Some(q) = r.t.ready_queue(0, &self.mem) else {
+                return done;
+            };
+            if q.add_used(&self.mem, head, len).is_err() {
                 return done;
             }
             r.completed += 1;
-            r.interrupt_status |= INT_USED_RING;
+            r.t.signal_used();
             done += 1;
         }
     }
@@ -387,94 +276,49 @@ impl Blk {
     /// Starts the worker.
     pub fn spawn_worker(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
         let b = self.clone();
-        std::thread::spawn(move || b.worker())
-    }
-
-    fn worker(&self) {
-        loop {
-            {
-                let c = lock(&self.ctl);
-                if c.exit {
-                    return;
-                }
-                if c.pause {
-                    // Everything the driver offered is done before parking.
-                    drop(c);
-                    while self.process() > 0 {}
-                    let mut c = lock(&self.ctl);
-                    c.parked = true;
-                    self.cv.notify_all();
-                    while c.pause && !c.exit {
-                        c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-                    }
-                    c.parked = false;
-                    continue;
-                }
-            }
-            crate::vmm::wait_readable(self.wake.as_raw_fd(), Duration::from_millis(50));
-            let _ = self.wake.read();
-            self.process();
-        }
+        std::thread::spawn(move || {
+            let wait = || {
+                crate::vmm::wait_readable(b.worker.wake_fd(), Duration::from_millis(50));
+                b.worker.take_wake();
+            };
+            // In-flight rule: everything the driver offered is done before parking.
+            b.worker.run(
+                wait,
+                || {
+                    b.process();
+                },
+                || b.process(),
+            );
+        })
     }
 
     /// Drains and parks the worker: every request the driver made available is completed.
     /// Returns how long that took; fails (and leaves the worker running) past `timeout`.
     pub fn pause(&self, timeout: Duration) -> Result<Duration, BlkError> {
-        let start = Instant::now();
-        let mut c = lock(&self.ctl);
-        c.pause = true;
-        let _ = self.wake.write(1);
-        while !c.parked {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                c.pause = false;
-                self.cv.notify_all();
-                return Err(BlkError::State(format!(
-                    "the worker did not drain within {timeout:?}"
-                )));
-            }
-            c = self
-                .cv
-                .wait_timeout(c, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        Ok(start.elapsed())
+        self.worker.pause(timeout).map_err(BlkError::State)
     }
 
     /// Lets the worker serve again.
     pub fn resume(&self) {
-        lock(&self.ctl).pause = false;
-        self.cv.notify_all();
-        let _ = self.wake.write(1);
+        self.worker.resume();
     }
 
     /// Ends the worker.
     pub fn stop(&self) {
-        lock(&self.ctl).exit = true;
-        self.cv.notify_all();
-        let _ = self.wake.write(1);
+        self.worker.stop();
     }
 
     /// The state (call it paused).
     pub fn save(&self) -> Result<BlkSection, BlkError> {
         let r = lock(&self.regs);
-        let q = r.queue.state();
+        let t = r.t.save();
         let (image_dev, image_ino) = identity(&self.image)?;
         Ok(BlkSection {
-            status: r.status,
-            driver_features: r.driver_features,
-            selectors: vec![r.device_features_sel, r.driver_features_sel, r.queue_sel],
-            interrupt_status: r.interrupt_status,
-            queue: QueueSection {
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-            },
+            status: t.status,
+            driver_features: t.driver_features,
+            selectors: t.selectors,
+            interrupt_status: t.interrupt_status,
+            queue: t.queues.into_iter().next().unwrap_or_default(),
             capacity: self.capacity,
             read_only: self.read_only,
             completed: r.completed,
@@ -505,38 +349,17 @@ impl Blk {
                 b.capacity, state.capacity
             )));
         }
-        if state.driver_features & !b.features() != 0 || state.selectors.len() != 3 {
-            return Err(BlkError::State(
-                "features or selectors the device never offered".into(),
-            ));
-        }
-        let q = &state.queue;
-        if q.size > QUEUE_MAX || (q.ready && !q.size.is_power_of_two()) {
-            return Err(BlkError::State(format!("queue size {}", q.size)));
-        }
         {
             let mut r = lock(&b.regs);
-            r.status = state.status;
-            r.driver_features = state.driver_features;
-            (r.device_features_sel, r.driver_features_sel, r.queue_sel) =
-                (state.selectors[0], state.selectors[1], state.selectors[2]);
-            r.interrupt_status = state.interrupt_status;
-            r.completed = state.completed;
-            let vq = virtio_queue::QueueState {
-                max_size: QUEUE_MAX,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: false,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
+            let t = TransportState {
+                status: state.status,
+                driver_features: state.driver_features,
+                selectors: state.selectors.clone(),
+                interrupt_status: state.interrupt_status,
+                queues: vec![state.queue.clone()],
             };
-            r.queue = Queue::try_from(vq).map_err(|e| BlkError::State(format!("queue: {e:?}")))?;
-            if r.queue.ready() && !r.queue.is_valid(&b.mem) {
-                return Err(BlkError::State("queue areas outside guest memory".into()));
-            }
+            r.t.restore(&t, &b.mem).map_err(BlkError::State)?;
+            r.completed = state.completed;
         }
         Ok(b)
     }
@@ -554,15 +377,44 @@ impl Blk {
 
     /// The next used-ring index the device fills.
     pub fn next_used(&self) -> u16 {
-        lock(&self.regs).queue.next_used()
+        lock(&self.regs).t.queue(0).map_or(0, |q| q.next_used())
+    }
+
+    /// Gives the device its interrupt line (raised at once if a notification is pending).
+    pub fn set_irq(&self, irq: EventFd) {
+        lock(&self.regs).t.set_irq(irq);
+    }
+
+    /// Interrupt status register.
+    pub fn interrupt_status(&self) -> u32 {
+        lock(&self.regs).t.interrupt_status()
+    }
+}
+
+impl MmioDevice for Blk {
+    fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        Blk::mmio_read(self, offset, data)
+    }
+    fn mmio_write(&self, offset: u64, data: &[u8]) {
+        Blk::mmio_write(self, offset, data)
+    }
+    fn pause(&self, timeout: Duration) -> Result<Duration, String> {
+        Blk::pause(self, timeout).map_err(|e| e.to_string())
+    }
+    fn resume(&self) {
+        Blk::resume(self)
+    }
+    fn stop(&self) {
+        Blk::stop(self)
+    }
+    fn set_irq(&self, irq: EventFd) {
+        Blk::set_irq(self, irq)
     }
 }
 
 impl Drop for Blk {
     fn drop(&mut self) {
-        lock(&self.ctl).exit = true;
-        self.cv.notify_all();
-        let _ = self.wake.write(1);
+        self.worker.stop();
     }
 }
 
