@@ -154,6 +154,56 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// `--net`: a virtio-net device's backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// The tap interface of this name (opened, or created if absent, at boot and reboot).
+    Tap(String),
+    /// A tap fd this process inherited, already attached.
+    Fd(i32),
+}
+
+/// `--net`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Where frames go.
+    pub backend: NetBackend,
+    /// The MAC address the guest sees; [`DEFAULT_MAC`](crate::virtio_net::DEFAULT_MAC)
+    /// when not given.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        const USAGE: &str = "--net needs tap=NAME or fd=N, optionally followed by ,mac=MAC";
+        let mut backend = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if backend.is_none() => {
+                    crate::virtio_net::check_name(name).map_err(|e| e.to_string())?;
+                    backend = Some(NetBackend::Tap(name.to_string()));
+                }
+                Some(("fd", n)) if backend.is_none() => {
+                    let fd: i32 = n
+                        .parse()
+                        .ok()
+                        .filter(|fd| *fd > 2)
+                        .ok_or_else(|| format!("--net fd=`{n}`: not an fd number above 2"))?;
+                    backend = Some(NetBackend::Fd(fd));
+                }
+                Some(("mac", m)) if mac.is_none() => mac = Some(crate::virtio_net::parse_mac(m)?),
+                _ => return Err(format!("`{part}`: {USAGE}")),
+            }
+        }
+        Ok(NetConfig {
+            backend: backend.ok_or(USAGE)?,
+            mac,
+        })
+    }
+}
+
 /// Where to load state from at start-up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -235,6 +285,12 @@ pub struct RunConfig {
     /// path must name the same file.
     #[arg(long)]
     pub disk: Option<DiskConfig>,
+    /// A virtio-net device (virtio-mmio at 0xd0001000) on a tap: `tap=NAME` (opened, or
+    /// created if absent) or `fd=N` (an inherited tap fd), then optionally `,mac=MAC`. The
+    /// tap fd is kept across restart and transfer; after a reboot `tap=NAME` must name the
+    /// same interface (make it persistent, `ip tuntap add`, so it outlives the process).
+    #[arg(long)]
+    pub net: Option<NetConfig>,
     /// Restore from a state file written by `cpr-save` mode reboot, `defer` to wait for
     /// `cpr-load`, or `transfer:SOCKET` to receive a running VM from `cpr-save` mode transfer.
     #[arg(long)]
@@ -341,6 +397,38 @@ mod tests {
         assert!("tmpfs".parse::<MemoryConfig>().is_err());
         let round = MemoryConfig::Dax("/dev/dax0.0".into());
         assert_eq!(round.to_string().parse::<MemoryConfig>().unwrap(), round);
+    }
+
+    #[test]
+    fn net_backends_parse() {
+        assert_eq!(
+            "tap=tap0".parse::<NetConfig>().unwrap(),
+            NetConfig {
+                backend: NetBackend::Tap("tap0".into()),
+                mac: None
+            }
+        );
+        assert_eq!(
+            "fd=7,mac=02:00:00:00:00:09".parse::<NetConfig>().unwrap(),
+            NetConfig {
+                backend: NetBackend::Fd(7),
+                mac: Some([2, 0, 0, 0, 0, 9])
+            }
+        );
+        for bad in [
+            "",
+            "tap0",
+            "tap=",
+            "tap=a/b",
+            "fd=2",
+            "fd=x",
+            "tap=a,fd=4",
+            "tap=a,mac=01:00:00:00:00:00",
+            "tap=a,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02",
+            "tap=a,queues=2",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

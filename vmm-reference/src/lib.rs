@@ -16,6 +16,7 @@ pub mod linux;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod netlab;
 pub mod notify;
 pub mod passthrough;
 pub mod policy;
@@ -27,6 +28,7 @@ pub mod update;
 pub mod update_cmd;
 pub mod virtio_blk;
 pub mod virtio_mmio;
+pub mod virtio_net;
 pub mod vmm;
 
 /// Runs the command line; returns the process exit code.

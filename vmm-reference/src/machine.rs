@@ -26,6 +26,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::error::{kvm as kvm_err, Error, Result};
 use crate::serial::{SerialDevice, Uart, COM1_BASE, COM1_IRQ};
 use crate::virtio_blk::Blk;
+use crate::virtio_mmio::MmioDevice;
+use crate::virtio_net::Net;
 
 /// Most vCPUs the reference VMM runs (the demo guest counts ticks for 8).
 pub const MAX_VCPUS: usize = 8;
@@ -71,18 +73,57 @@ struct Shared {
     gate: Gate,
     /// The virtio-blk device at [`BLK_BASE`], once attached.
     blk: std::sync::OnceLock<Arc<Blk>>,
-    /// How long the last pause waited for the disk's requests in flight, ns.
+    /// The virtio-net device at [`NET_BASE`], once attached.
+    net: std::sync::OnceLock<Arc<Net>>,
+    /// How long the last pause waited for the devices' I/O in flight, ns.
     last_drain_ns: AtomicU64,
-    blk_worker: Mutex<Option<JoinHandle<()>>>,
+    /// The devices' worker threads.
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// The attached virtio devices.
+    fn devices(&self) -> impl Iterator<Item = &dyn MmioDevice> {
+        let blk = self.blk.get().map(|b| &**b as &dyn MmioDevice);
+        let net = self.net.get().map(|n| &**n as &dyn MmioDevice);
+        blk.into_iter().chain(net)
+    }
+
+    /// The device whose MMIO window holds `addr`, and the offset in it.
+    fn device_at(&self, addr: u64) -> Option<(&dyn MmioDevice, u64)> {
+        let off = |base: u64| {
+            addr.checked_sub(base)
+                .filter(|o| *o < crate::virtio_mmio::MMIO_SIZE)
+        };
+        if let (Some(b), Some(o)) = (self.blk.get(), off(BLK_BASE)) {
+            return Some((&**b, o));
+        }
+        if let (Some(n), Some(o)) = (self.net.get(), off(NET_BASE)) {
+            return Some((&**n, o));
+        }
+        None
+    }
 }
 
 /// Guest physical address of the virtio-blk device's MMIO window (in the 32-bit hole).
 pub const BLK_BASE: u64 = 0xd000_0000;
+/// Its interrupt (IOAPIC pin / GSI).
+pub const BLK_GSI: u32 = 5;
+/// Guest physical address of the virtio-net device's MMIO window.
+pub const NET_BASE: u64 = 0xd000_1000;
+/// Its interrupt.
+pub const NET_GSI: u32 = 6;
 
-/// The MMIO access at `addr` is the disk's: its offset in the window.
-fn blk_offset(addr: u64) -> Option<u64> {
-    addr.checked_sub(BLK_BASE)
-        .filter(|o| *o < crate::virtio_blk::MMIO_SIZE)
+/// The kernel command-line words that tell a Linux guest where the attached virtio-mmio
+/// devices are (`virtio_mmio.device=SIZE@BASE:GSI`).
+pub fn virtio_cmdline(blk: bool, net: bool) -> String {
+    let size = crate::virtio_mmio::MMIO_SIZE;
+    [(blk, BLK_BASE, BLK_GSI), (net, NET_BASE, NET_GSI)]
+        .iter()
+        .filter(|d| d.0)
+        .map(|(_, base, gsi)| format!("virtio_mmio.device={size}@{base:#x}:{gsi}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A vCPU and what it was configured with. Its thread holds the lock from the moment it
@@ -297,8 +338,9 @@ impl Machine {
                 first_entry_waiter: Mutex::new(None),
                 gate: Gate::default(),
                 blk: std::sync::OnceLock::new(),
+                net: std::sync::OnceLock::new(),
                 last_drain_ns: AtomicU64::new(0),
-                blk_worker: Mutex::new(None),
+                workers: Mutex::new(Vec::new()),
             }),
             events,
             threads: Vec::new(),
@@ -493,7 +535,7 @@ impl Machine {
     /// Stops the vCPU threads for good and waits for them, so the VM is torn down with no
     /// vCPU in the guest.
     pub fn shutdown(&mut self) {
-        self.stop_blk();
+        self.stop_devices();
         if self.threads.is_empty() {
             return;
         }
@@ -541,19 +583,18 @@ impl Machine {
         loop {
             match self.shared.pause.wait_parked(Duration::from_millis(50)) {
                 Ok(ns) => {
-                    // Then the disk: every request the guest offered completes first.
-                    if let Some(b) = self.shared.blk.get() {
-                        match b.pause(timeout.saturating_sub(start.elapsed())) {
-                            Ok(d) => self
-                                .shared
-                                .last_drain_ns
-                                .store(d.as_nanos() as u64, Ordering::SeqCst),
-                            Err(e) => {
-                                self.resume();
-                                return Err(Error::State(e.to_string()));
-                            }
+                    // Then the devices: what the guest offered completes first (each
+                    // device's in-flight rule).
+                    let drain = Instant::now();
+                    for d in self.shared.devices() {
+                        if let Err(e) = d.pause(timeout.saturating_sub(start.elapsed())) {
+                            self.resume();
+                            return Err(Error::State(e));
                         }
                     }
+                    self.shared
+                        .last_drain_ns
+                        .store(drain.elapsed().as_nanos() as u64, Ordering::SeqCst);
                     return Ok(ns);
                 }
                 Err(e) if start.elapsed() >= timeout => {
@@ -569,14 +610,45 @@ impl Machine {
         }
     }
 
-    /// Attaches the virtio-blk device at [`BLK_BASE`] and starts its worker (once).
+    /// An interrupt line for a device: an eventfd registered as KVM irqfd on `gsi`.
+    fn irq_line(&self, gsi: u32) -> Result<EventFd> {
+        let irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        Ok(irq)
+    }
+
+    /// Attaches the virtio-blk device at [`BLK_BASE`] (interrupt [`BLK_GSI`]) and starts its
+    /// worker (once).
     pub fn attach_blk(&self, blk: Arc<Blk>) -> Result<()> {
-        let worker = blk.spawn_worker();
-        if self.shared.blk.set(blk).is_err() {
+        if self.shared.blk.get().is_some() {
             return Err(Error::State("a disk is attached already".into()));
         }
-        *lock(&self.shared.blk_worker) = Some(worker);
+        blk.set_irq(self.irq_line(BLK_GSI)?);
+        let worker = blk.spawn_worker();
+        let _ = self.shared.blk.set(blk);
+        lock(&self.shared.workers).push(worker);
         Ok(())
+    }
+
+    /// Attaches the virtio-net device at [`NET_BASE`] (interrupt [`NET_GSI`]) and starts its
+    /// worker (once).
+    pub fn attach_net(&self, net: Arc<Net>) -> Result<()> {
+        if self.shared.net.get().is_some() {
+            return Err(Error::State("a network device is attached already".into()));
+        }
+        net.set_irq(self.irq_line(NET_GSI)?);
+        let worker = net.spawn_worker();
+        let _ = self.shared.net.set(net);
+        lock(&self.shared.workers).push(worker);
+        Ok(())
+    }
+
+    /// The network device, if attached.
+    pub fn net(&self) -> Option<&Arc<Net>> {
+        self.shared.net.get()
     }
 
     /// The disk, if attached.
@@ -584,24 +656,24 @@ impl Machine {
         self.shared.blk.get()
     }
 
-    /// How long the last pause waited for the disk's requests in flight.
+    /// How long the last pause waited for the devices' I/O in flight.
     pub fn last_drain(&self) -> Duration {
         Duration::from_nanos(self.shared.last_drain_ns.load(Ordering::SeqCst))
     }
 
-    fn stop_blk(&self) {
-        if let Some(b) = self.shared.blk.get() {
-            b.stop();
+    fn stop_devices(&self) {
+        for d in self.shared.devices() {
+            d.stop();
         }
-        if let Some(t) = lock(&self.shared.blk_worker).take() {
+        for t in lock(&self.shared.workers).drain(..) {
             let _ = t.join();
         }
     }
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
-        if let Some(b) = self.shared.blk.get() {
-            b.resume();
+        for d in self.shared.devices() {
+            d.resume();
         }
         self.shared.first_entry_ns.store(u64::MAX, Ordering::SeqCst);
         self.shared.pause.release(Resume::Run);
@@ -898,15 +970,15 @@ fn vcpu_loop(
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                match (shared.blk.get(), blk_offset(addr)) {
-                    (Some(b), Some(off)) => b.mmio_read(off, data),
-                    _ => data.fill(0xff),
+                match shared.device_at(addr) {
+                    Some((d, off)) => d.mmio_read(off, data),
+                    None => data.fill(0xff),
                 }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let (Some(b), Some(off)) = (shared.blk.get(), blk_offset(addr)) {
-                    b.mmio_write(off, data);
+                if let Some((d, off)) = shared.device_at(addr) {
+                    d.mmio_write(off, data);
                 }
                 None
             }

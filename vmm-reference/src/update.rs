@@ -41,6 +41,8 @@ use cpr_snapshot::Persist;
 const RETIRED_VM: &str = "kvm.retired-vm";
 /// Name of the disk image's fd.
 const DISK_FD: &str = "disk.image";
+/// Name of the network device's tap fd.
+const NET_FD: &str = "net.tap";
 
 /// This application's name in states and hellos.
 pub const APP: &str = "vmm-reference";
@@ -141,7 +143,8 @@ pub fn schema() -> Schema {
         .types(cpr_update::section_types())
         .section::<ReplySection>()
         .section::<crate::virtio_blk::BlkSection>()
-        .nested::<crate::virtio_blk::QueueSection>();
+        .nested::<crate::virtio_blk::QueueSection>()
+        .section::<crate::virtio_net::NetSection>();
     #[cfg(feature = "next")]
     let b = b
         .next_version()
@@ -749,6 +752,25 @@ impl Updatable for Vmm {
                 out.register(DISK_FD, FdKind(0x103), b.image_fd()?, b"")?;
             }
         }
+        if let Some(n) = m.net() {
+            if !out.can_write::<crate::virtio_net::NetSection>() {
+                return Err(format!(
+                    "state version {} has no virtio-net device: the target build cannot take \
+                     this network device",
+                    out.target_version()
+                )
+                .into());
+            }
+            if !out.carries_fds() {
+                // The tap's queue ends with this process: what is queued goes in the state.
+                let held = n.hold_queued();
+                log::info!("virtio-net: {held} frames queued in the tap carried in the state");
+            }
+            out.write(0, &n.save())?;
+            if out.carries_fds() {
+                out.register(NET_FD, FdKind(0x104), n.tap_fd()?, b"")?;
+            }
+        }
         #[cfg(feature = "next")]
         if out.can_write::<StatsSection>() {
             out.write(
@@ -947,6 +969,32 @@ impl Updatable for Vmm {
             input.mark("disk");
         } else if !carries && self.config.disk.is_some() {
             return Err("--disk given, but the state has no disk".into());
+        }
+        if let Some(state) = input.take_optional::<crate::virtio_net::NetSection>(0)? {
+            // Restart and transfer: the tap fd came along. Reboot: the command line's tap,
+            // which must be the interface the state was saved on.
+            let tap = if carries {
+                std::fs::File::from(
+                    input
+                        .fds()
+                        .take(NET_FD)
+                        .ok_or("the tap's fd was not handed over")?,
+                )
+            } else {
+                let net = self.config.net.as_ref().ok_or(
+                    "the state has a virtio-net device: start with --net and the same tap",
+                )?;
+                if net.mac.is_some_and(|mac| mac[..] != state.mac[..]) {
+                    return Err("--net mac= differs from the MAC the guest was given".into());
+                }
+                crate::vmm::open_net_backend(net)?
+            };
+            let m = self.machine.as_ref().ok_or("no VM")?;
+            let net = crate::virtio_net::Net::restore(&state, tap, m.ram.memory().clone())?;
+            m.attach_net(net)?;
+            input.mark("net");
+        } else if !carries && self.config.net.is_some() {
+            return Err("--net given, but the state has no network device".into());
         }
         if carries {
             let carried = input.take_optional::<MonitorSection>(0)?;

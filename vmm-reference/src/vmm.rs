@@ -248,7 +248,14 @@ impl Vmm {
             &mut |_| {},
         )?;
         if let Some(kernel) = &cfg.kernel {
-            crate::linux::load(&mut machine, kernel, &cfg.cmdline, cfg.initrd.as_deref())?;
+            // The guest finds the virtio-mmio devices through the command line.
+            let devices = crate::machine::virtio_cmdline(cfg.disk.is_some(), cfg.net.is_some());
+            let cmdline = if devices.is_empty() {
+                cfg.cmdline.clone()
+            } else {
+                format!("{} {devices}", cfg.cmdline)
+            };
+            crate::linux::load(&mut machine, kernel, &cmdline, cfg.initrd.as_deref())?;
             self.guest = "linux".into();
         } else {
             let demo = DemoConfig {
@@ -274,6 +281,14 @@ impl Vmm {
                     .map_err(|e| Error::Config(e.to_string()))?
                     .with_delay(crate::virtio_blk::test_delay());
             machine.attach_blk(blk)?;
+        }
+        if let Some(net) = &cfg.net {
+            let tap = open_net_backend(net).map_err(|e| Error::Config(e.to_string()))?;
+            let mac = net.mac.unwrap_or(crate::virtio_net::DEFAULT_MAC);
+            let dev = crate::virtio_net::Net::new(tap, mac, machine.ram.memory().clone())
+                .map_err(|e| Error::Config(e.to_string()))?;
+            log::info!("virtio-net on tap {}", dev.tap_name());
+            machine.attach_net(dev)?;
         }
         machine.start()?;
         machine.serial.start_input();
@@ -530,6 +545,13 @@ impl Vmm {
                 "device-completed": m.blk().map(|b| b.completed()),
                 "last-drain-us": m.last_drain().as_micros() as u64,
             }) } else { Value::Null },
+            "net": if s.net_present { let c = m.net().map(|n| n.counters()).unwrap_or_default(); json!({
+                "sent": s.net_sent, "received": s.net_received, "sum": s.net_sum,
+                "repeats": s.net_repeats, "bad": s.net_bad, "other": s.net_other,
+                "device-tx": c.tx, "device-tx-dropped": c.tx_dropped,
+                "device-rx": c.rx, "device-rx-dropped": c.rx_dropped,
+                "device-held": m.net().map(|n| n.held()),
+            }) } else { Value::Null },
             "max-gap-us": m.tsc_khz().filter(|k| *k > 0).map(|k| s.max_gap_tsc * 1000 / u64::from(k)),
         }))
     }
@@ -603,6 +625,33 @@ pub const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "query-commands",
 ];
+
+/// The tap `--net` names: the interface opened (or created) by name, or the inherited fd,
+/// checked to be an attached tap.
+pub(crate) fn open_net_backend(
+    net: &crate::config::NetConfig,
+) -> std::result::Result<std::fs::File, crate::virtio_net::NetError> {
+    use crate::config::NetBackend;
+    match &net.backend {
+        NetBackend::Tap(name) => crate::virtio_net::open_tap(name),
+        NetBackend::Fd(fd) => {
+            use std::os::fd::FromRawFd;
+            // SAFETY: F_GETFD only asks whether the number is an open fd.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(crate::virtio_net::NetError::Tap(format!(
+                    "--net fd={fd}: not an open fd"
+                )));
+            }
+            // SAFETY: the operator handed this process fd `fd` for the network device; it
+            // is open (checked above), above stdio, and taken once, at boot, before
+            // anything else of this process could have claimed it.
+            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(*fd) };
+            // SAFETY: FD_CLOEXEC on the fd now owned here: a restart hands it over itself.
+            unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            crate::virtio_net::tap_from_fd(owned)
+        }
+    }
+}
 
 pub(crate) fn wait_readable(fd: i32, timeout: Duration) {
     let mut p = libc::pollfd {
