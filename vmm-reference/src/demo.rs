@@ -50,6 +50,12 @@ pub struct Status {
     pub blk_verified: u64,
     /// Disk requests that failed or blocks that read back wrong.
     pub blk_errors: u64,
+    /// Numbered echoes the guest received (0 without a network device).
+    pub net_received: u64,
+    /// Echoes received again or out of order.
+    pub net_repeats: u64,
+    /// Malformed demo frames.
+    pub net_bad: u64,
 }
 
 impl Status {
@@ -69,6 +75,9 @@ impl Status {
             max_gap_us: 0,
             blk_verified: 0,
             blk_errors: 0,
+            net_received: 0,
+            net_repeats: 0,
+            net_bad: 0,
         }
     }
 }
@@ -101,6 +110,9 @@ pub fn status(c: &mut QmpClient) -> Check<Status> {
         max_gap_us: v["max-gap-us"].as_u64().unwrap_or(0),
         blk_verified: v["blk"]["verified"].as_u64().unwrap_or(0),
         blk_errors: v["blk"]["errors"].as_u64().unwrap_or(0),
+        net_received: v["net"]["received"].as_u64().unwrap_or(0),
+        net_repeats: v["net"]["repeats"].as_u64().unwrap_or(0),
+        net_bad: v["net"]["bad"].as_u64().unwrap_or(0),
     })
 }
 
@@ -115,14 +127,16 @@ pub fn wait_progress(c: &mut QmpClient, from: &Status, more: u64) -> Check<Statu
         let ticking = s.ticks.iter().zip(&from.ticks).all(|(a, b)| a > b);
         let went_on = s.generation > from.generation
             && s.counter > from.counter
-            && (from.blk_verified == 0 || s.blk_verified > from.blk_verified);
+            && (from.blk_verified == 0 || s.blk_verified > from.blk_verified)
+            && (from.net_received == 0 || s.net_received > from.net_received);
         if s.lines >= from.lines + more && ticking && went_on {
             return Ok(s);
         }
-        if s.errors != 0 || s.faults != 0 || s.blk_errors != 0 {
+        if s.errors != 0 || s.faults != 0 || s.blk_errors != 0 || s.net_repeats + s.net_bad != 0 {
             return Err(format!(
-                "guest reports errors={} faults={} disk errors={}",
-                s.errors, s.faults, s.blk_errors
+                "guest reports errors={} faults={} disk errors={} repeated frames={} bad \
+                 frames={}",
+                s.errors, s.faults, s.blk_errors, s.net_repeats, s.net_bad
             ));
         }
         if start.elapsed() > PROGRESS_DEADLINE {
@@ -150,6 +164,18 @@ pub fn check_continuity(before: &Status, after: &Status) -> Check<()> {
         return Err(format!(
             "the guest's disk failed it ({} bad requests or blocks)",
             after.blk_errors
+        ));
+    }
+    if after.net_repeats != 0 || after.net_bad != 0 {
+        return Err(format!(
+            "the guest's network failed it ({} frames repeated, {} malformed)",
+            after.net_repeats, after.net_bad
+        ));
+    }
+    if before.net_received > 0 && after.net_received <= before.net_received {
+        return Err(format!(
+            "the guest's network stopped: {} echoes received, then {}",
+            before.net_received, after.net_received
         ));
     }
     if before.blk_verified > 0 && after.blk_verified <= before.blk_verified {
@@ -233,10 +259,26 @@ pub fn spawn_env(
     monitor: &Path,
     log: &Path,
 ) -> Check<Vm> {
+    spawn_in(None, exe, args, env, monitor, log)
+}
+
+/// [`spawn_env`], in network namespace `ns` if given.
+pub fn spawn_in(
+    ns: Option<&crate::netlab::NetNs>,
+    exe: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    monitor: &Path,
+    log: &Path,
+) -> Check<Vm> {
     let log_file =
         std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if let Some(ns) = ns {
+        ns.command(&mut cmd).map_err(|e| e.to_string())?;
+    }
+    let mut child = cmd
         .arg("run")
         .args(args)
         .envs(env.iter().copied())

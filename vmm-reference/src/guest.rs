@@ -75,6 +75,11 @@ global_asm!(
     "cpr_demo_guest_start:",
     // rdi = vCPU index; rsp set by the host.
     "mov r15, rdi",
+    // Mask the legacy PICs: their reset vector base is 0, so a device line (the virtio
+    // devices' GSIs 5 and 6 reach the PIC as well) would arrive as an exception vector.
+    "mov al, 0xFF",
+    "out 0x21, al",
+    "out 0xA1, al",
     "mov r14, 0xFEE00000",
     "mov dword ptr [r14 + 0xF0], 0x1FF", // enable the LAPIC, spurious vector 0xFF
     "mov dword ptr [r14 + 0x3E0], 0x3",  // timer divide by 16

@@ -747,7 +747,11 @@ impl Updatable for Vmm {
                 .into());
             }
             out.write(0, &b.save()?)?;
-            log::info!("virtio-blk: drained in {} us", m.last_drain().as_micros());
+            log::info!(
+                "virtio-blk: drained in {} us ({} requests in flight completed)",
+                m.last_drain().as_micros(),
+                b.last_drained()
+            );
             if out.carries_fds() {
                 out.register(DISK_FD, FdKind(0x103), b.image_fd()?, b"")?;
             }
@@ -761,6 +765,11 @@ impl Updatable for Vmm {
                 )
                 .into());
             }
+            log::info!(
+                "virtio-net: drained in {} us ({} frames in flight sent)",
+                m.last_drain().as_micros(),
+                n.last_drained()
+            );
             if !out.carries_fds() {
                 // The tap's queue ends with this process: what is queued goes in the state.
                 let held = n.hold_queued();
@@ -990,7 +999,8 @@ impl Updatable for Vmm {
                 crate::vmm::open_net_backend(net)?
             };
             let m = self.machine.as_ref().ok_or("no VM")?;
-            let net = crate::virtio_net::Net::restore(&state, tap, m.ram.memory().clone())?;
+            let net = crate::virtio_net::Net::restore(&state, tap, m.ram.memory().clone())?
+                .with_delay(crate::virtio_net::test_delay());
             m.attach_net(net)?;
             input.mark("net");
         } else if !carries && self.config.net.is_some() {

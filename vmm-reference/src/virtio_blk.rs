@@ -197,6 +197,7 @@ impl Blk {
             }
             r.completed += 1;
             r.t.signal_used();
+            self.worker.count();
             done += 1;
         }
     }
@@ -306,6 +307,11 @@ impl Blk {
     /// Ends the worker.
     pub fn stop(&self) {
         self.worker.stop();
+    }
+
+    /// What the last pause's drain completed: the requests (frames) in flight then.
+    pub fn last_drained(&self) -> u64 {
+        self.worker.last_drained()
     }
 
     /// The state (call it paused).
@@ -441,14 +447,7 @@ pub fn open_image(path: &std::path::Path, read_only: bool) -> Result<File, BlkEr
 /// Test builds (`fault-injection`): `CPR_BLK_DELAY_US` makes each request take that long,
 /// at most 100 ms, so that requests are in flight when an update pauses.
 pub fn test_delay() -> Duration {
-    #[cfg(feature = "fault-injection")]
-    if let Some(us) = std::env::var("CPR_BLK_DELAY_US")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        return Duration::from_micros(us.min(100_000));
-    }
-    Duration::ZERO
+    crate::virtio_mmio::test_delay("CPR_BLK_DELAY_US")
 }
 
 /// The `virtio_blk` fuzz target: a hostile driver. The first bytes choose the queue set-up

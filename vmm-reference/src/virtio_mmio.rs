@@ -356,6 +356,10 @@ pub struct Worker {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     wake: EventFd,
+    /// Requests (frames) the device completed, ever; see [`Worker::count`].
+    completions: std::sync::atomic::AtomicU64,
+    /// What the last pause completed between its request and the park.
+    drained: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -365,7 +369,22 @@ impl Worker {
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK)?,
+            completions: std::sync::atomic::AtomicU64::new(0),
+            drained: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The device completed a request (sent a frame): counted, so a pause can say how many
+    /// were in flight when it was asked for.
+    pub fn count(&self) {
+        self.completions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many requests (frames) the device completed between the last pause's request
+    /// and its park: those that were in flight.
+    pub fn last_drained(&self) -> u64 {
+        self.drained.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Wakes the worker (the driver's `QueueNotify`).
@@ -419,7 +438,9 @@ impl Worker {
     /// Asks the worker to drain and park; returns how long that took, or fails (and
     /// leaves the worker running) past `timeout`.
     pub fn pause(&self, timeout: Duration) -> Result<Duration, String> {
+        use std::sync::atomic::Ordering::SeqCst;
         let start = Instant::now();
+        let before = self.completions.load(SeqCst);
         let mut c = lock(&self.ctl);
         c.pause = true;
         self.kick();
@@ -436,6 +457,8 @@ impl Worker {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        let done = self.completions.load(SeqCst).wrapping_sub(before);
+        self.drained.store(done, SeqCst);
         Ok(start.elapsed())
     }
 
@@ -452,6 +475,17 @@ impl Worker {
         self.cv.notify_all();
         self.kick();
     }
+}
+
+/// Test builds (`fault-injection`): the delay environment variable `var` asks for, in µs,
+/// at most 100 ms; zero otherwise and in every other build.
+pub fn test_delay(var: &str) -> Duration {
+    #[cfg(feature = "fault-injection")]
+    if let Some(us) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        return Duration::from_micros(us.min(100_000));
+    }
+    let _ = var;
+    Duration::ZERO
 }
 
 /// What the machine needs of a virtio-mmio device: its registers and its worker.

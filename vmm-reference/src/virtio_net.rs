@@ -33,6 +33,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -131,11 +132,20 @@ pub struct Net {
     name: String,
     mac: [u8; 6],
     worker: Worker,
+    /// Test builds: how long sending each frame takes (to keep frames in flight), ns.
+    delay_ns: AtomicU64,
+}
+
+/// Test builds (`fault-injection`): `CPR_NET_DELAY_US` makes sending each frame take that
+/// long, at most 100 ms, so that frames are in flight when an update pauses.
+pub fn test_delay() -> Duration {
+    crate::virtio_mmio::test_delay("CPR_NET_DELAY_US")
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETTXFILTER: libc::c_ulong = 0x4004_54d1;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_PERSIST: libc::c_short = 0x0800;
@@ -243,6 +253,32 @@ pub fn tap_from_fd(fd: OwnedFd) -> Result<File, NetError> {
     Ok(f)
 }
 
+/// `struct tun_filter` with room for one address.
+#[repr(C)]
+struct TunFilter {
+    flags: u16,
+    count: u16,
+    addr: [u8; 6],
+}
+
+/// Sets the tap's transmit filter: `closed`, frames the host sends towards the guest are
+/// dropped by the tap itself (one exact address, 00:00:00:00:00:00, that no frame is for;
+/// the sender sees the drop), or, open, none are.
+fn set_intake(tap: &File, closed: bool) -> std::io::Result<()> {
+    let f = TunFilter {
+        flags: 0,
+        count: u16::from(closed),
+        addr: [0; 6],
+    };
+    // SAFETY: TUNSETTXFILTER reads a tun_filter header and `count` addresses from this
+    // struct, which holds that many and lives for the call.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETTXFILTER as _, &f as *const TunFilter) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Creates the persistent tap `name` (as `ip tuntap add mode tap` does) in the calling
 /// thread's network namespace, for the tests and the demo, which then own its removal.
 pub fn create_persistent_tap(name: &str) -> Result<(), NetError> {
@@ -281,6 +317,8 @@ impl Net {
     /// A device on the tap `tap` (an attached, non-blocking tap fd) with MAC `mac`.
     pub fn new(tap: File, mac: [u8; 6], mem: GuestMemoryMmap) -> Result<Arc<Net>, NetError> {
         let (name, _) = tap_info(&tap)?;
+        // The device owns the tap's filter: a reboot's save closed it (see hold_queued).
+        set_intake(&tap, false).map_err(|e| NetError::Tap(format!("TUNSETTXFILTER: {e}")))?;
         let t = Transport::new(VIRTIO_ID_NET, FEATURES, 2, QUEUE_MAX).map_err(NetError::State)?;
         Ok(Arc::new(Net {
             regs: Mutex::new(Regs {
@@ -294,7 +332,15 @@ impl Net {
             name,
             mac,
             worker: Worker::new()?,
+            delay_ns: AtomicU64::new(0),
         }))
+    }
+
+    /// The same device with sending each frame taking `delay` (tests keep frames in flight).
+    pub fn with_delay(self: Arc<Self>, delay: Duration) -> Arc<Net> {
+        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        self.delay_ns.store(ns, Ordering::Relaxed);
+        self
     }
 
     /// A driver's read at `offset` in the MMIO window.
@@ -325,6 +371,10 @@ impl Net {
                     None => return done,
                 }
             };
+            let delay = Duration::from_nanos(self.delay_ns.load(Ordering::Relaxed));
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
             let sent = self.gather(&descs).is_some_and(|frame| {
                 frame.len() > HDR
                     && (&self.tap)
@@ -344,6 +394,7 @@ impl Net {
                 return done;
             }
             r.t.signal_used();
+            self.worker.count();
             done += 1;
         }
     }
@@ -374,9 +425,7 @@ impl Net {
             let Some(q) = r.t.ready_queue(RX, &self.mem) else {
                 return done;
             };
-            let avail = q
-                .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
-                .map(|a| a.0);
+            let avail = q.avail_idx(&self.mem, Ordering::Acquire).map(|a| a.0);
             if avail.is_err() || avail.is_ok_and(|a| a == q.next_avail()) {
                 r.starved = true;
                 return done;
@@ -484,8 +533,12 @@ impl Net {
         self.worker.pause(timeout).map_err(NetError::State)
     }
 
-    /// Lets the worker serve again.
+    /// Lets the worker serve again (and the tap take frames again, if a reboot's save that
+    /// then failed had closed it).
     pub fn resume(&self) {
+        if let Err(e) = set_intake(&self.tap, false) {
+            log::warn!("virtio-net: reopening the tap: {e}");
+        }
         self.worker.resume();
     }
 
@@ -494,10 +547,22 @@ impl Net {
         self.worker.stop();
     }
 
-    /// For a reboot (call it paused): reads every frame queued in the tap into the state
-    /// to be saved, since the tap's queue ends with its last fd. Returns how many; past
-    /// [`MAX_HELD`] frames stay in the tap (and are lost with it).
+    /// What the last pause's drain completed: the requests (frames) in flight then.
+    pub fn last_drained(&self) -> u64 {
+        self.worker.last_drained()
+    }
+
+    /// For a reboot (call it paused): closes the tap to new frames (its filter drops them,
+    /// and a sender on the host sees each one refused) and reads every frame already queued
+    /// there into the state to be saved, since the tap's queue ends with its last fd. So
+    /// no frame the host handed to the tap is lost: each is either refused or carried.
+    /// Returns how many were carried; past [`MAX_HELD`] the rest stay in the tap and are
+    /// lost with it. [`resume`](Self::resume) (a failed update) and the next image's
+    /// device open the tap again.
     pub fn hold_queued(&self) -> usize {
+        if let Err(e) = set_intake(&self.tap, true) {
+            log::warn!("virtio-net: closing the tap to new frames: {e}");
+        }
         let mut r = lock(&self.regs);
         let mut n = 0;
         let mut buf = vec![0u8; MAX_FRAME];
@@ -684,6 +749,7 @@ pub fn fuzz_driver(data: &[u8]) -> usize {
         name: "fuzz".into(),
         mac: DEFAULT_MAC,
         worker,
+        delay_ns: AtomicU64::new(0),
     };
     let area = |i: usize| u32::from(u16::from_le_bytes([h[i], h[i + 1]])) & 0xfffe;
     for (off, v) in [(0x70, 0), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {

@@ -286,7 +286,8 @@ impl Vmm {
             let tap = open_net_backend(net).map_err(|e| Error::Config(e.to_string()))?;
             let mac = net.mac.unwrap_or(crate::virtio_net::DEFAULT_MAC);
             let dev = crate::virtio_net::Net::new(tap, mac, machine.ram.memory().clone())
-                .map_err(|e| Error::Config(e.to_string()))?;
+                .map_err(|e| Error::Config(e.to_string()))?
+                .with_delay(crate::virtio_net::test_delay());
             log::info!("virtio-net on tap {}", dev.tap_name());
             machine.attach_net(dev)?;
         }

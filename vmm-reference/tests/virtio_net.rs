@@ -291,6 +291,13 @@ fn a_reboot_state_carries_the_frames_queued_in_the_tap() {
         held += dev.hold_queued();
         held >= 5
     });
+    // Closed to new frames now: echoes of two more are refused, and the peer knows.
+    d.offer(5);
+    d.offer(6);
+    dev.transmit();
+    wait("two refused", || peer.stats().send_errors == 2);
+    assert_eq!(peer.stats().sent, 5);
+    assert_eq!(dev.hold_queued(), 0);
     let state = dev.save();
     assert_eq!(state.held.len(), 5);
     let idx = (d.rx_avail, d.rx_seen, d.tx_avail);
@@ -308,10 +315,11 @@ fn a_reboot_state_carries_the_frames_queued_in_the_tap() {
         "none lost, none twice"
     );
     assert_eq!(dev.held(), 0);
-    // And traffic goes on from there.
-    d.offer(5);
+    // The new device opened the tap again: traffic goes on from there.
+    d.offer(7);
     dev.transmit();
-    assert_eq!(d.receive_numbers(1), [5]);
+    assert_eq!(d.receive_numbers(1), [7]);
+    assert_eq!(peer.stats().sent, 6);
 }
 
 #[test]
