@@ -410,6 +410,74 @@ pub fn private_dir(parent: &Path, prefix: &str) -> Check<tempfile::TempDir> {
         .map_err(|e| format!("create a directory in {}: {e}", parent.display()))
 }
 
+/// Stops `peer` echoing, waits until the guest behind `qmp` has received every echo the
+/// peer sent, and checks that they are the same frames (the same count and the same sum of
+/// frame numbers, with none repeated); then lets the peer echo again. Returns the guest's
+/// `net` status.
+pub fn check_echoes(
+    qmp: &mut QmpClient,
+    peer: &crate::netlab::EchoPeer,
+    timeout: Duration,
+) -> Check<Value> {
+    peer.hold(true);
+    let result = (|| {
+        let sent = peer.stats();
+        let start = Instant::now();
+        loop {
+            let v = qmp
+                .execute("x-demo-status", json!({}))
+                .map_err(|e| e.to_string())?["net"]
+                .clone();
+            let n = |k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+            if n("repeats") != 0 || n("bad") != 0 {
+                return Err(format!("the guest saw repeated or malformed frames: {v}"));
+            }
+            if n("received") == sent.sent {
+                if n("sum") != sent.sent_sum {
+                    return Err(format!("other frames than the peer sent: {sent:?}, {v}"));
+                }
+                return Ok(v);
+            }
+            if n("received") > sent.sent || start.elapsed() > timeout {
+                return Err(format!(
+                    "echoes lost or invented: the peer sent {sent:?}, the guest has {v}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })();
+    peer.hold(false);
+    result
+}
+
+/// The demo's network: a namespace with a tap and an echo peer, or why there is none.
+fn net_lab() -> std::result::Result<(crate::netlab::NetNs, crate::netlab::EchoPeer), String> {
+    crate::netlab::available()?;
+    let ns = crate::netlab::NetNs::new().map_err(|e| format!("network namespace: {e}"))?;
+    ns.add_tap(DEMO_TAP).map_err(|e| format!("tap: {e}"))?;
+    let peer = crate::netlab::EchoPeer::start(&ns, DEMO_TAP).map_err(|e| format!("peer: {e}"))?;
+    Ok((ns, peer))
+}
+
+/// The demo's tap, in its own network namespace.
+const DEMO_TAP: &str = "cprdemo0";
+
+fn print_net(
+    qmp: &mut QmpClient,
+    lab: &Option<(crate::netlab::NetNs, crate::netlab::EchoPeer)>,
+    when: &str,
+) -> Check<()> {
+    let Some((_, peer)) = lab else {
+        return Ok(());
+    };
+    let v = check_echoes(qmp, peer, Duration::from_secs(60)).map_err(|e| format!("{when}: {e}"))?;
+    println!(
+        "network: {} frames sent through the tap, {} echoes received: exactly those the peer sent (number sum {}), none repeated",
+        v["sent"], v["received"], v["sum"]
+    );
+    Ok(())
+}
+
 /// Runs the demo.
 pub fn run(cfg: &DemoConfig) -> Check<()> {
     let exe = cpr_fd::startup_executable().map_err(|e| e.to_string())?;
@@ -447,6 +515,23 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         .and_then(|f| f.set_len(256 << 10))
         .map_err(|e| format!("disk image {}: {e}", disk.display()))?;
 
+    // A network for the guest's virtio-net driver, where this host can make one.
+    let lab = match net_lab() {
+        Ok(lab) => {
+            println!("network: tap {DEMO_TAP} in a network namespace of the demo's own, with an echo peer");
+            Some(lab)
+        }
+        Err(why) => {
+            println!("network: SKIPPED ({why}); the demo runs without a network device");
+            None
+        }
+    };
+    let ns = lab.as_ref().map(|l| &l.0);
+    let net_args: Vec<String> = match lab {
+        Some(_) => vec!["--net".into(), format!("tap={DEMO_TAP}")],
+        None => vec![],
+    };
+
     println!("== restart: exec the VMM in place, {} times", cfg.restarts);
     let monitor = p("qmp-restart.sock");
     let args: Vec<String> = vec![
@@ -465,7 +550,8 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         "--disk".into(),
         s(disk.clone()),
     ];
-    let mut vm = spawn(exe, &args, &monitor, &p("vmm-restart.log"))?;
+    let args = [args, net_args.clone()].concat();
+    let mut vm = spawn_in(ns, exe, &args, &[], &monitor, &p("vmm-restart.log"))?;
     let boot = Status::boot(2);
     let mut before = wait_progress(&mut vm.qmp, &boot, 3)?;
     println!(
@@ -522,6 +608,7 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         "transfer: blackout {}, pid {} -> {}, counter {} -> {}, lines {} -> {}, ticks {:?} -> {:?}, memory verified, monitor client kept",
         ms(transfer_blackout), before.pid, after.pid, before.counter, after.counter, before.lines, after.lines, before.ticks, after.ticks
     );
+    print_net(&mut vm.qmp, &lab, "restarts and transfer")?;
     vm.qmp
         .execute("quit", json!({}))
         .map_err(|e| e.to_string())?;
@@ -536,6 +623,9 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
     );
 
     println!("== reboot: save to a state file, exit, restore in a new process");
+    if let Some((_, peer)) = &lab {
+        peer.reset();
+    }
     let monitor = p("qmp-reboot.sock");
     let state = p("vm.state");
     let args: Vec<String> = vec![
@@ -556,7 +646,8 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         "--disk".into(),
         s(disk.clone()),
     ];
-    let mut vm = spawn(exe, &args, &monitor, &p("vmm-reboot-1.log"))?;
+    let args = [args, net_args].concat();
+    let mut vm = spawn_in(ns, exe, &args, &[], &monitor, &p("vmm-reboot-1.log"))?;
     let before = wait_progress(&mut vm.qmp, &boot, 3)?;
     let info = vm
         .qmp
@@ -579,7 +670,7 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
     );
     let mut args2 = args.clone();
     args2.extend(["--incoming".to_string(), s(state.clone())]);
-    let mut vm = spawn(exe, &args2, &monitor, &p("vmm-reboot-2.log"))?;
+    let mut vm = spawn_in(ns, exe, &args2, &[], &monitor, &p("vmm-reboot-2.log"))?;
     let info = vm
         .qmp
         .execute("cpr-info", json!({}))
@@ -591,6 +682,7 @@ fn run_in(cfg: &DemoConfig, exe: &Path, dir: &Path, shm: &Path) -> Check<()> {
         "reboot: blackout {} (includes process exit and start), pid {} -> {}, counter {} -> {}, lines {} -> {}, ticks {:?} -> {:?}, memory verified",
         ms(b), before.pid, after.pid, before.counter, after.counter, before.lines, after.lines, before.ticks, after.ticks
     );
+    print_net(&mut vm.qmp, &lab, "reboot")?;
     vm.qmp
         .execute("quit", json!({}))
         .map_err(|e| e.to_string())?;

@@ -277,6 +277,14 @@ impl EchoPeer {
         lock(&self.shared).hold = on;
     }
 
+    /// Starts counting from zero and forgets what it held back: for a new guest, whose
+    /// frame numbers start again (call it with no VM on the tap).
+    pub fn reset(&self) {
+        let mut s = lock(&self.shared);
+        s.stats = EchoStats::default();
+        s.backlog.clear();
+    }
+
     /// The counts so far.
     pub fn stats(&self) -> EchoStats {
         let s = lock(&self.shared);

@@ -146,28 +146,8 @@ fn counters_agree(qmp: &mut QmpClient) {
     qmp.execute("cont", json!({})).unwrap();
 }
 
-/// Stops the peer echoing, then waits until the guest has received every echo the peer
-/// sent: the same count and the same sum of frame numbers. Then echoes again.
 fn every_echo_arrived(qmp: &mut QmpClient, peer: &EchoPeer) -> Value {
-    peer.hold(true);
-    let sent = peer.stats();
-    let t = Instant::now();
-    let v = loop {
-        let v = net(qmp);
-        if n(&v, "received") >= sent.sent {
-            break v;
-        }
-        assert!(
-            t.elapsed() < T,
-            "echoes lost: the peer sent {sent:?}, the guest has {v}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(n(&v, "received"), sent.sent, "{sent:?} {v}");
-    assert_eq!(n(&v, "sum"), sent.sent_sum, "the same frames: {sent:?} {v}");
-    assert_eq!(n(&v, "repeats"), 0, "{v}");
-    peer.hold(false);
-    v
+    vmm_reference::demo::check_echoes(qmp, peer, T).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
