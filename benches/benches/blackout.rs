@@ -20,7 +20,9 @@
 //! Settings (environment): `CPR_BENCH_UPDATES` (default 20), `CPR_BENCH_SIZES` (default
 //! `1G,4G,16G,64G`), `CPR_BENCH_HUGE` (`0` to skip huge pages, which are measured up to
 //! `CPR_BENCH_HUGE_MAX`, default `4G`), `CPR_BENCH_MODES` (default `restart,transfer,reboot`),
-//! `CPR_BENCH_QEMU=1`, `CPR_BENCH_DISK=1` (a virtio-blk disk the guest keeps busy), and
+//! `CPR_BENCH_QEMU=1`, `CPR_BENCH_DEVICES=idle|busy` (a virtio-blk disk and, as root, a
+//! virtio-net device on a tap in a private network namespace with an echo peer, which the
+//! guest leaves alone or keeps busy; `CPR_BENCH_DISK=1` is `busy`), and
 //! `CPR_BENCH_QUICK=1` for CI (3 updates, 1 GiB, 4 KiB pages).
 //! Results also go to `target/cpr-bench/blackout.jsonl`.
 
@@ -32,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_reference::demo::{
-    spawn, spawn_transfer_target_with, wait_exit, wait_progress, Status, Vm,
+    spawn_in, spawn_transfer_target_with, wait_exit, wait_progress, Status, Vm,
 };
+use vmm_reference::netlab::{EchoPeer, NetNs};
 use vmm_reference::qmp_client::QmpClient;
 
 const GIB: u64 = 1 << 30;
@@ -109,7 +112,13 @@ struct Bench {
     /// Our medians to set beside QEMU's, µs, by (mode, size), 4 KiB pages: STOP to RESUME
     /// events for restart and transfer, the whole outage for a reboot.
     ours: BTreeMap<(String, u64), u64>,
+    /// `CPR_BENCH_DEVICES`: none, idle or busy.
+    devices: Option<String>,
+    /// The network for the virtio-net device, where this host can make one.
+    lab: Option<(NetNs, EchoPeer)>,
 }
+
+const TAP: &str = "cprbench0";
 
 fn wait_lines(q: &mut QmpClient, n: u64) -> Status {
     let s = vmm_reference::demo::status(q).expect("x-demo-status");
@@ -167,8 +176,9 @@ impl Bench {
         if pages == Pages::Huge2M && memory == "memfd" {
             a.extend(["--huge-pages".into(), "2M".into()]);
         }
-        if std::env::var_os("CPR_BENCH_DISK").is_some() {
-            // The guest's virtio-blk driver keeps four requests going all the time.
+        if let Some(devices) = &self.devices {
+            // Busy: the guest's virtio-blk driver keeps four requests going all the time,
+            // its virtio-net driver two frames a generation. Idle: attached, never set up.
             let img = dir.join("disk.img");
             if !img.exists() {
                 std::fs::File::create(&img)
@@ -176,12 +186,27 @@ impl Bench {
                     .expect("disk image");
             }
             a.extend(["--disk".into(), img.to_string_lossy().into_owned()]);
+            if self.lab.is_some() {
+                a.extend(["--net".into(), format!("tap={TAP}")]);
+            }
+            if devices == "idle" {
+                a.push("--demo-idle-devices".into());
+            }
         }
         a
     }
 
     fn start(&self, dir: &Path, args: &[String], log: &str) -> Vm {
-        spawn(&self.exe, args, &dir.join("qmp.sock"), &dir.join(log)).expect("start the VMM")
+        let ns = self.lab.as_ref().map(|l| &l.0);
+        spawn_in(
+            ns,
+            &self.exe,
+            args,
+            &[],
+            &dir.join("qmp.sock"),
+            &dir.join(log),
+        )
+        .expect("start the VMM")
     }
 
     /// One update's guest pause: reset the guest's gap, update, let it publish the gap.
@@ -469,11 +494,39 @@ fn main() {
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/cpr-bench");
     let _ = std::fs::create_dir_all(&target);
     let out = std::fs::File::create(target.join("blackout.jsonl")).expect("results file");
+    let devices = match std::env::var("CPR_BENCH_DEVICES") {
+        Ok(d) if d == "idle" || d == "busy" => Some(d),
+        Ok(d) => panic!("CPR_BENCH_DEVICES={d}: idle or busy"),
+        Err(_) => std::env::var_os("CPR_BENCH_DISK").map(|_| "busy".to_string()),
+    };
+    let lab = match devices {
+        None => None,
+        Some(_) => match vmm_reference::netlab::available() {
+            Ok(()) => {
+                let ns = NetNs::new().expect("network namespace");
+                ns.add_tap(TAP).expect("tap");
+                let peer = EchoPeer::start(&ns, TAP).expect("echo peer");
+                Some((ns, peer))
+            }
+            Err(why) => {
+                println!("SKIPPED the network device: {why}");
+                None
+            }
+        },
+    };
+    if let Some(d) = &devices {
+        println!(
+            "devices: virtio-blk{}, {d}",
+            if lab.is_some() { " and virtio-net" } else { "" }
+        );
+    }
     let mut bench = Bench {
         exe: std::env::current_exe().expect("own path"),
         updates,
         out,
         ours: BTreeMap::new(),
+        devices,
+        lab,
     };
     println!(
         "blackout: {updates} updates per case, sizes {:?} GiB, 2 vCPUs, demo guest (16 KiB span)",

@@ -298,6 +298,10 @@ pub struct RunConfig {
     /// Bytes of guest RAM the demo guest rewrites and verifies each generation.
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub demo_span: u64,
+    /// The demo guest leaves its virtio devices alone (attached, never set up): for
+    /// measuring what attached, idle devices add to an update.
+    #[arg(long)]
+    pub demo_idle_devices: bool,
     /// Boot this Linux kernel (vmlinux via PVH, or bzImage) instead of the demo guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,

@@ -61,6 +61,7 @@ const ST_NET_SUM: u64 = 0xD0;
 const ST_NET_REPEATS: u64 = 0xD8;
 const ST_NET_BAD: u64 = 0xE0;
 const ST_NET_OTHER: u64 = 0xE8;
+const ST_DEVICES_IDLE: u64 = 0x58;
 const ST_TICKS: u64 = 0x100;
 
 global_asm!(
@@ -272,6 +273,8 @@ global_asm!(
     "ret",
     // virtio-blk (MMIO at 0xD0000000): set up once at boot, if the device is there.
     "80:",
+    "cmp qword ptr [0x5058], 0",
+    "jne 81f",
     "mov rsi, 0xD0000000",
     "cmp dword ptr [rsi], 0x74726976",
     "jne 81f",
@@ -437,6 +440,8 @@ global_asm!(
     // holds a 12-byte virtio header and a 60-byte frame: broadcast, from the device's MAC,
     // EtherType 0x88B5, "CPRNET01", the frame's number, its complement.
     "100:",
+    "cmp qword ptr [0x5058], 0",
+    "jne 109f",
     "mov rsi, 0xD0001000",
     "cmp dword ptr [rsi], 0x74726976",
     "jne 109f",
@@ -661,6 +666,8 @@ pub struct DemoConfig {
     /// LAPIC timer initial count (divide by 16; KVM counts 1 ns per bus cycle, so 62500 is
     /// about 1 kHz).
     pub timer_count: u32,
+    /// Leave the virtio devices alone: never set them up.
+    pub idle_devices: bool,
 }
 
 impl Default for DemoConfig {
@@ -668,6 +675,7 @@ impl Default for DemoConfig {
         DemoConfig {
             span_bytes: 64 << 10,
             timer_count: 62_500,
+            idle_devices: false,
         }
     }
 }
@@ -762,6 +770,7 @@ pub fn load<M: GuestMemory + GuestMemoryBackend>(mem: &M, cfg: &DemoConfig) -> R
         (ST_SPAN_ADDR, SPAN_ADDR),
         (ST_SPAN_WORDS, span_words),
         (ST_TIMER_COUNT, u64::from(cfg.timer_count)),
+        (ST_DEVICES_IDLE, u64::from(cfg.idle_devices)),
     ] {
         w(STATUS_ADDR + off, v)?;
     }
@@ -929,12 +938,14 @@ mod tests {
         let ok = DemoConfig {
             span_bytes: 64 << 10,
             timer_count: 1,
+            idle_devices: false,
         };
         load(&mem, &ok).unwrap();
         assert_eq!(DemoStatus::read(&mem).unwrap().generation, 0);
         let too_big = DemoConfig {
             span_bytes: 2 << 20,
             timer_count: 1,
+            idle_devices: false,
         };
         assert!(load(&mem, &too_big).is_err());
     }

@@ -348,7 +348,7 @@ fn echo_loop(sock: OwnedFd, shared: Arc<Mutex<Shared>>, stop: Arc<AtomicBool>) {
                 break;
             }
             // Our own echoes come back to a packet socket as outgoing: not the guest's.
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let frame = &buf[..n as usize];

@@ -260,6 +260,7 @@ impl Vmm {
         } else {
             let demo = DemoConfig {
                 span_bytes: cfg.demo_span,
+                idle_devices: cfg.demo_idle_devices,
                 ..Default::default()
             };
             crate::guest::load(machine.ram.memory(), &demo).map_err(Error::Guest)?;

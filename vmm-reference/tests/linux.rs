@@ -57,6 +57,11 @@ struct Guest {
 
 impl Guest {
     fn start(tag: &str, kernel: &Path) -> Guest {
+        Guest::start_with(tag, kernel, |_| vec![])
+    }
+
+    /// [`start`](Self::start) with more arguments, made from the guest's directory.
+    fn start_with(tag: &str, kernel: &Path, extra: impl FnOnce(&Path) -> Vec<String>) -> Guest {
         let dir = std::env::temp_dir().join(format!("cpr-linux-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let monitor = dir.join("qmp.sock");
@@ -70,6 +75,7 @@ impl Guest {
             .arg(format!("file:{}", dir.join("serial.log").display()))
             .arg("--monitor")
             .arg(&monitor)
+            .args(extra(&dir))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -116,8 +122,18 @@ fn kernel_prints_its_first_console_lines() {
     let Some(kernel) = kernel_or_skip() else {
         return;
     };
-    let mut guest = Guest::start("first", &kernel);
-    let text = guest.wait_for(&first_lines());
+    // With a disk: the kernel is told where its virtio-mmio device is, and says so.
+    let mut guest = Guest::start_with("first", &kernel, |dir| {
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        vec!["--disk".into(), img.to_string_lossy().into_owned()]
+    });
+    let mut wanted = first_lines();
+    wanted[1] = format!("Command line: {CMDLINE} virtio_mmio.device=512@0xd0000000:5");
+    let text = guest.wait_for(&wanted);
     guest.qmp.execute("quit", json!({})).unwrap();
     assert_eq!(
         wait_exit(&mut guest.child, Duration::from_secs(60)).unwrap(),

@@ -40,7 +40,7 @@ fn lab() -> Option<Lab> {
         return None;
     }
     if let Err(why) = available() {
-        vmm_reference::demo::skipped(&format!("virtio-net on a tap: {why}"));
+        vmm_reference::demo::skipped(format!("virtio-net on a tap: {why}"));
         return None;
     }
     let ns = NetNs::new().unwrap();

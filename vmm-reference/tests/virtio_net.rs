@@ -43,7 +43,7 @@ fn memory() -> GuestMemoryMmap {
 /// why the test skips.
 fn lab(tap: &str) -> Option<(NetNs, EchoPeer)> {
     if let Err(why) = available() {
-        vmm_reference::demo::skipped(&format!("virtio-net on a tap: {why}"));
+        vmm_reference::demo::skipped(format!("virtio-net on a tap: {why}"));
         return None;
     }
     let ns = NetNs::new().unwrap();
@@ -338,14 +338,16 @@ fn a_restore_takes_only_its_own_tap_and_sane_state() {
     assert!(matches!(err, NetError::Tap(_)), "{err}");
     let err = Net::restore(&good, tempfile::tempfile().unwrap(), mem.clone()).unwrap_err();
     assert!(matches!(err, NetError::Tap(_)), "not a tap at all: {err}");
-    let mangle: Vec<Box<dyn Fn(&mut NetSection)>> = vec![
-        Box::new(|s| s.mac.pop().map(drop).unwrap_or(())),
-        Box::new(|s| s.counters.push(1)),
-        Box::new(|s| s.held = vec![vec![0; 65_537]]),
-        Box::new(|s| s.held = vec![vec![]; 1025]),
-        Box::new(|s| s.queues.truncate(1)),
-        Box::new(|s| s.queues[0].desc_table = 1 << 40),
-        Box::new(|s| s.driver_features |= 1 << 40),
+    let mangle: [fn(&mut NetSection); 7] = [
+        |s| {
+            s.mac.pop();
+        },
+        |s| s.counters.push(1),
+        |s| s.held = vec![vec![0; 65_537]],
+        |s| s.held = vec![vec![]; 1025],
+        |s| s.queues.truncate(1),
+        |s| s.queues[0].desc_table = 1 << 40,
+        |s| s.driver_features |= 1 << 40,
     ];
     for m in mangle {
         let mut s = good.clone();
