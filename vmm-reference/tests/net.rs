@@ -268,3 +268,62 @@ fn a_failed_transfer_leaves_the_network_working_in_the_old_process() {
     every_echo_arrived(&mut vm.qmp, &lab.peer);
     quit(vm);
 }
+
+/// `--net fd=N`: a tap fd the VMM inherits (as a management stack passes one) carries
+/// frames, across a restart too; an fd that is not a tap is refused before the guest runs.
+#[test]
+fn an_inherited_tap_fd_works_and_anything_else_is_refused() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(lab) = lab() else {
+        return;
+    };
+    let dir = Dir::new("net-fd");
+    let tap = lab
+        .ns
+        .run(|| vmm_reference::virtio_net::open_tap(TAP))
+        .unwrap()
+        .unwrap();
+    let not_a_tap = std::fs::File::create(dir.p("plain")).unwrap();
+    let spawn = |fd: i32, log: &str| {
+        let mut a = args(&dir, "memfd", 1);
+        a.extend(["--net".into(), "fd=10".into()]);
+        let log = std::fs::File::create(dir.p(log)).unwrap();
+        let mut cmd = std::process::Command::new(exe());
+        cmd.arg("run").args(&a).stdin(std::process::Stdio::null());
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        // SAFETY: dup2 is async-signal-safe; both fds are open in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 10) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    };
+    let out = spawn(not_a_tap.as_raw_fd(), "refused.log")
+        .output()
+        .unwrap();
+    let log = dir.log("refused.log");
+    assert!(
+        !out.status.success() && log.contains("not an attached tun/tap fd"),
+        "{log}"
+    );
+
+    let child = spawn(tap.as_raw_fd(), "vmm-1.log").spawn().unwrap();
+    drop(tap);
+    let qmp = QmpClient::connect(&dir.p("qmp.sock"), T).unwrap();
+    let mut vm = Vm { child, qmp };
+    let before = wait_progress(&mut vm.qmp, &Status::boot(1), 1).unwrap();
+    let e0 = wait_echoes(&mut vm.qmp, 0, 4);
+    vm.qmp
+        .execute("cpr-save", json!({"mode": "restart"}))
+        .unwrap();
+    let after = wait_progress(&mut vm.qmp, &before, 1).unwrap();
+    check_continuity(&before, &after).unwrap();
+    wait_echoes(&mut vm.qmp, n(&e0, "received"), 4);
+    every_echo_arrived(&mut vm.qmp, &lab.peer);
+    quit(vm);
+}
