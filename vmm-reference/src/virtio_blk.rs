@@ -23,7 +23,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,8 +106,6 @@ pub struct Blk {
     capacity: u64,
     read_only: bool,
     worker: Worker,
-    /// Test builds: how long each request takes (to keep requests in flight), ns.
-    delay_ns: AtomicU64,
 }
 
 fn identity(f: &File) -> std::io::Result<(u64, u64)> {
@@ -139,14 +136,12 @@ impl Blk {
             capacity: len / SECTOR,
             read_only,
             worker: Worker::new()?,
-            delay_ns: AtomicU64::new(0),
         }))
     }
 
     /// The same device with each request taking `delay` (tests keep requests in flight).
     pub fn with_delay(self: Arc<Self>, delay: Duration) -> Arc<Blk> {
-        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
-        self.delay_ns.store(ns, Ordering::Relaxed);
+        self.worker.set_delay(delay);
         self
     }
 
@@ -183,10 +178,7 @@ impl Blk {
                     None => return done,
                 }
             };
-            let delay = Duration::from_nanos(self.delay_ns.load(Ordering::Relaxed));
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
+            self.worker.throttle();
             let len = self.request(&descs);
             let mut r = lock(&self.regs);
             let Some(q) = r.t.ready_queue(0, &self.mem) else {

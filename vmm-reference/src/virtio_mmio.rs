@@ -17,6 +17,7 @@
 //! that was due before the update is delivered after it.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -357,9 +358,11 @@ pub struct Worker {
     cv: Condvar,
     wake: EventFd,
     /// Requests (frames) the device completed, ever; see [`Worker::count`].
-    completions: std::sync::atomic::AtomicU64,
+    completions: AtomicU64,
     /// What the last pause completed between its request and the park.
-    drained: std::sync::atomic::AtomicU64,
+    drained: AtomicU64,
+    /// Test builds: how long each request (frame) takes, ns, to keep some in flight.
+    delay_ns: AtomicU64,
 }
 
 impl Worker {
@@ -369,22 +372,37 @@ impl Worker {
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK)?,
-            completions: std::sync::atomic::AtomicU64::new(0),
-            drained: std::sync::atomic::AtomicU64::new(0),
+            completions: AtomicU64::new(0),
+            drained: AtomicU64::new(0),
+            delay_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Makes each request (frame) take `delay` ([`throttle`](Self::throttle)): tests keep
+    /// I/O in flight with it.
+    pub fn set_delay(&self, delay: Duration) {
+        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        self.delay_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Waits the delay [`set_delay`](Self::set_delay) asked for, if any.
+    pub fn throttle(&self) {
+        let ns = self.delay_ns.load(Ordering::Relaxed);
+        if ns != 0 {
+            std::thread::sleep(Duration::from_nanos(ns));
+        }
     }
 
     /// The device completed a request (sent a frame): counted, so a pause can say how many
     /// were in flight when it was asked for.
     pub fn count(&self) {
-        self.completions
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.completions.fetch_add(1, Ordering::SeqCst);
     }
 
     /// How many requests (frames) the device completed between the last pause's request
     /// and its park: those that were in flight.
     pub fn last_drained(&self) -> u64 {
-        self.drained.load(std::sync::atomic::Ordering::SeqCst)
+        self.drained.load(Ordering::SeqCst)
     }
 
     /// Wakes the worker (the driver's `QueueNotify`).

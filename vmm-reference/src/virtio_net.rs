@@ -33,7 +33,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,8 +132,6 @@ pub struct Net {
     name: String,
     mac: [u8; 6],
     worker: Worker,
-    /// Test builds: how long sending each frame takes (to keep frames in flight), ns.
-    delay_ns: AtomicU64,
 }
 
 /// Test builds (`fault-injection`): `CPR_NET_DELAY_US` makes sending each frame take that
@@ -332,14 +330,12 @@ impl Net {
             name,
             mac,
             worker: Worker::new()?,
-            delay_ns: AtomicU64::new(0),
         }))
     }
 
     /// The same device with sending each frame taking `delay` (tests keep frames in flight).
     pub fn with_delay(self: Arc<Self>, delay: Duration) -> Arc<Net> {
-        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
-        self.delay_ns.store(ns, Ordering::Relaxed);
+        self.worker.set_delay(delay);
         self
     }
 
@@ -371,10 +367,7 @@ impl Net {
                     None => return done,
                 }
             };
-            let delay = Duration::from_nanos(self.delay_ns.load(Ordering::Relaxed));
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
+            self.worker.throttle();
             let sent = self.gather(&descs).is_some_and(|frame| {
                 frame.len() > HDR
                     && (&self.tap)
@@ -749,7 +742,6 @@ pub fn fuzz_driver(data: &[u8]) -> usize {
         name: "fuzz".into(),
         mac: DEFAULT_MAC,
         worker,
-        delay_ns: AtomicU64::new(0),
     };
     let area = |i: usize| u32::from(u16::from_le_bytes([h[i], h[i + 1]])) & 0xfffe;
     for (off, v) in [(0x70, 0), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {

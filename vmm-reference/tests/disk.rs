@@ -57,23 +57,13 @@ fn wait_verified(qmp: &mut QmpClient, from: u64, more: u64) -> Value {
     }
 }
 
-fn word(qmp: &mut QmpClient, addr: u64) -> u16 {
-    let hex = qmp
-        .execute("x-guest-read", json!({"addr": addr, "size": 2}))
-        .unwrap()["data"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    u16::from_str_radix(&format!("{}{}", &hex[2..4], &hex[0..2]), 16).unwrap()
-}
-
 /// Waits until the guest has requests the device has not completed yet: an update right
 /// after this pauses with I/O in flight (each request takes 20 ms here).
 fn wait_in_flight(qmp: &mut QmpClient) {
     let t = Instant::now();
     loop {
         let completed = blk(qmp)["device-completed"].as_u64().unwrap();
-        if u64::from(word(qmp, 0xA402)) != completed % 65536 {
+        if u64::from(guest_u16(qmp, 0xA402)) != completed % 65536 {
             return;
         }
         assert!(t.elapsed() < T, "no request in flight");
@@ -81,24 +71,12 @@ fn wait_in_flight(qmp: &mut QmpClient) {
     }
 }
 
-/// What the old side logged each time the disk drained for an update.
-fn drains(dir: &Dir) -> Vec<String> {
-    dir.log("vmm-1.log")
-        .lines()
-        .filter_map(|l| {
-            l.split("virtio-blk: drained in ")
-                .nth(1)
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 /// At a stop: the requests the guest made available, the device completed and put in the
 /// used ring are the same number (mod 2^16 for the ring indices).
 fn counters_agree(qmp: &mut QmpClient) {
     qmp.execute("stop", json!({})).unwrap();
     let b = blk(qmp);
-    let (avail, used) = (word(qmp, 0xA402), word(qmp, 0xA802));
+    let (avail, used) = (guest_u16(qmp, 0xA402), guest_u16(qmp, 0xA802));
     let completed = b["device-completed"].as_u64().unwrap();
     assert_eq!(
         avail, used,
@@ -173,7 +151,7 @@ fn disk_io_in_flight_survives_restart_and_transfer() {
     check_continuity(&after, &later).unwrap();
     wait_verified(&mut vm.qmp, b1["verified"].as_u64().unwrap(), 8);
     counters_agree(&mut vm.qmp);
-    let drains = drains(&dir);
+    let drains = logged_after(&dir, "virtio-blk: drained in ");
     eprintln!("virtio-blk drains before the restart and the transfer: {drains:?}");
     vm.qmp.execute("quit", json!({})).unwrap();
     assert_eq!(wait_exit(&mut new, T).unwrap(), 0);
@@ -192,7 +170,7 @@ fn disk_io_in_flight_survives_a_reboot_and_only_on_the_same_image() {
     let b0 = wait_verified(&mut vm.qmp, 0, 4);
     wait_in_flight(&mut vm.qmp);
     save_for_reboot(&mut vm);
-    let drains = drains(&dir);
+    let drains = logged_after(&dir, "virtio-blk: drained in ");
     eprintln!("virtio-blk drain before the reboot save: {drains:?}");
     let base = with_disk(&dir, &dir.shm_arg());
 

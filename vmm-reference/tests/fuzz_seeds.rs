@@ -8,20 +8,46 @@ use std::path::PathBuf;
 
 use vmm_reference::monitor::fuzz_input;
 
-#[test]
-fn replay_qmp_seeds_and_regressions() {
+/// Feeds `f` every seed and saved crash input of fuzz target `target`; how many.
+fn replay(target: &str, mut f: impl FnMut(&[u8])) -> usize {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut n = 0;
-    for sub in ["seeds/qmp_input", "regressions/qmp_input"] {
-        let Ok(entries) = std::fs::read_dir(root.join(sub)) else {
-            continue;
-        };
-        for e in entries {
-            fuzz_input(&std::fs::read(e.unwrap().path()).unwrap());
+    for sub in ["seeds", "regressions"] {
+        for e in std::fs::read_dir(root.join(sub).join(target))
+            .into_iter()
+            .flatten()
+        {
+            f(&std::fs::read(e.unwrap().path()).unwrap());
             n += 1;
         }
     }
+    n
+}
+
+/// Seed `name` of `target` is `seed`: written with `CPR_REGEN_SEEDS=1`, checked otherwise.
+fn seed_is_current(target: &str, name: &str, seed: &[u8]) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/seeds")
+        .join(target);
+    let path = dir.join(name);
+    if std::env::var_os("CPR_REGEN_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, seed).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        seed,
+        "regenerate with CPR_REGEN_SEEDS=1"
+    );
+}
+
+#[test]
+fn replay_qmp_seeds_and_regressions() {
+    let n = replay("qmp_input", |d| {
+        fuzz_input(d);
+    });
     assert!(n >= 4, "only {n} inputs");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     // The seeds mean what they say.
     let seed = |name: &str| std::fs::read(root.join("seeds/qmp_input").join(name)).unwrap();
     assert_eq!(fuzz_input(&seed("two-commands")), 2);
@@ -67,19 +93,10 @@ fn restore_seeds_are_current_and_mean_what_they_say() {
 
 #[test]
 fn replay_restore_and_protocol_regressions() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    for sub in ["seeds/restore_state", "regressions/restore_state"] {
-        for e in std::fs::read_dir(root.join(sub)).into_iter().flatten() {
-            let _ = vmm_reference::update::fuzzing::restore_state(
-                &std::fs::read(e.unwrap().path()).unwrap(),
-            );
-        }
-    }
-    for sub in ["seeds/protocol_reader", "regressions/protocol_reader"] {
-        for e in std::fs::read_dir(root.join(sub)).into_iter().flatten() {
-            cpr_update::protocol::fuzz_reader(&std::fs::read(e.unwrap().path()).unwrap());
-        }
-    }
+    replay("restore_state", |d| {
+        let _ = vmm_reference::update::fuzzing::restore_state(d);
+    });
+    replay("protocol_reader", cpr_update::protocol::fuzz_reader);
 }
 
 /// The `virtio_blk` seed: one read request, well formed (written by this test with
@@ -105,25 +122,10 @@ fn virtio_blk_seeds_are_current_and_replay() {
     desc(1, 0x5000, 512, 3, 2);
     desc(2, 0x4010, 1, 2, 0);
     assert_eq!(fuzz_driver(&seed), 1, "the seed is one request served");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/virtio_blk");
-    let path = dir.join("one-read");
-    if std::env::var_os("CPR_REGEN_SEEDS").is_some() {
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(&path, &seed).unwrap();
-    }
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        seed,
-        "regenerate with CPR_REGEN_SEEDS=1"
-    );
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    for sub in ["seeds/virtio_blk", "regressions/virtio_blk"] {
-        if let Ok(entries) = std::fs::read_dir(root.join(sub)) {
-            for e in entries {
-                fuzz_driver(&std::fs::read(e.unwrap().path()).unwrap());
-            }
-        }
-    }
+    seed_is_current("virtio_blk", "one-read", &seed);
+    replay("virtio_blk", |d| {
+        fuzz_driver(d);
+    });
     // Garbage of every short length.
     for n in 0..64 {
         fuzz_driver(&vec![0xa5; n]);
@@ -163,25 +165,10 @@ fn virtio_net_seeds_are_current_and_replay() {
         2,
         "the seed is one frame sent, one received"
     );
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/virtio_net");
-    let path = dir.join("one-each-way");
-    if std::env::var_os("CPR_REGEN_SEEDS").is_some() {
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(&path, &seed).unwrap();
-    }
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        seed,
-        "regenerate with CPR_REGEN_SEEDS=1"
-    );
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    for sub in ["seeds/virtio_net", "regressions/virtio_net"] {
-        if let Ok(entries) = std::fs::read_dir(root.join(sub)) {
-            for e in entries {
-                fuzz_driver(&std::fs::read(e.unwrap().path()).unwrap());
-            }
-        }
-    }
+    seed_is_current("virtio_net", "one-each-way", &seed);
+    replay("virtio_net", |d| {
+        fuzz_driver(d);
+    });
     for n in 0..64 {
         fuzz_driver(&vec![0xa5; n]);
     }

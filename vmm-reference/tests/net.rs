@@ -92,16 +92,6 @@ fn wait_echoes(qmp: &mut QmpClient, from: u64, more: u64) -> Value {
     }
 }
 
-fn word(qmp: &mut QmpClient, addr: u64) -> u16 {
-    let hex = qmp
-        .execute("x-guest-read", json!({"addr": addr, "size": 2}))
-        .unwrap()["data"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    u16::from_str_radix(&format!("{}{}", &hex[2..4], &hex[0..2]), 16).unwrap()
-}
-
 /// Waits until the guest offered frames the device has not sent yet (sending each takes
 /// 20 ms here): an update right after this pauses with frames in flight.
 fn wait_in_flight(qmp: &mut QmpClient) {
@@ -109,7 +99,7 @@ fn wait_in_flight(qmp: &mut QmpClient) {
     loop {
         let v = net(qmp);
         let done = n(&v, "device-tx") + n(&v, "device-tx-dropped");
-        if u64::from(word(qmp, 0xD402)) != done % 65536 {
+        if u64::from(guest_u16(qmp, 0xD402)) != done % 65536 {
             return;
         }
         assert!(t.elapsed() < T, "no frame in flight");
@@ -117,24 +107,12 @@ fn wait_in_flight(qmp: &mut QmpClient) {
     }
 }
 
-/// What the old side logged each time the network device drained for an update.
-fn drains(dir: &Dir) -> Vec<String> {
-    dir.log("vmm-1.log")
-        .lines()
-        .filter_map(|l| {
-            l.split("virtio-net: drained in ")
-                .nth(1)
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 /// At a stop: the frames the guest offered, the device used and counted are the same
 /// number, and all went out to the tap.
 fn counters_agree(qmp: &mut QmpClient) {
     qmp.execute("stop", json!({})).unwrap();
     let v = net(qmp);
-    let (avail, used) = (word(qmp, 0xD402), word(qmp, 0xD802));
+    let (avail, used) = (guest_u16(qmp, 0xD402), guest_u16(qmp, 0xD802));
     assert_eq!(avail, used, "every frame offered is sent at the stop: {v}");
     assert_eq!(n(&v, "sent") % 65536, u64::from(used), "{v}");
     assert_eq!(
@@ -187,7 +165,10 @@ fn frames_in_flight_survive_restart_and_transfer() {
     let v = every_echo_arrived(&mut vm.qmp, &lab.peer);
     let s = lab.peer.stats();
     eprintln!("after restart and transfer: guest {v}, peer {s:?}");
-    eprintln!("drains: {:?}", drains(&dir));
+    eprintln!(
+        "drains: {:?}",
+        logged_after(&dir, "virtio-net: drained in ")
+    );
     assert_eq!(s.send_errors, 0, "the tap refused nothing: {s:?}");
     vm.qmp.execute("quit", json!({})).unwrap();
     assert_eq!(wait_exit(&mut new, T).unwrap(), 0);

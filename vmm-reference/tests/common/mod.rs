@@ -268,3 +268,22 @@ pub fn transfer(vm: &mut Vm, dir: &Dir, args: &[&str]) {
     );
     std::mem::swap(&mut vm.child, &mut *new);
 }
+
+/// A little-endian u16 of guest memory at `addr` (`x-guest-read`): a ring index.
+pub fn guest_u16(qmp: &mut vmm_reference::qmp_client::QmpClient, addr: u64) -> u16 {
+    let hex = qmp
+        .execute("x-guest-read", json!({"addr": addr, "size": 2}))
+        .unwrap()["data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    u16::from_str_radix(&format!("{}{}", &hex[2..4], &hex[0..2]), 16).unwrap()
+}
+
+/// What the first VMM logged after `prefix` (e.g. `virtio-net: drained in `) each time.
+pub fn logged_after(dir: &Dir, prefix: &str) -> Vec<String> {
+    dir.log("vmm-1.log")
+        .lines()
+        .filter_map(|l| l.split(prefix).nth(1).map(str::to_string))
+        .collect()
+}
