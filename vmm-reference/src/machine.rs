@@ -214,8 +214,6 @@ pub struct Machine {
     opened: bool,
     tsc_khz: Option<u32>,
     _serial_irq: EventFd,
-    /// Device interrupt lines registered ahead, by GSI ([`Machine::prepare_device_lines`]).
-    prepared_lines: Mutex<Vec<(u32, EventFd)>>,
 }
 
 /// vCPU `index`'s CPUID, from what the host supports (`KVM_GET_SUPPORTED_CPUID`, asked once
@@ -352,7 +350,6 @@ impl Machine {
                 .collect(),
             opened: false,
             _serial_irq: irq,
-            prepared_lines: Mutex::new(Vec::new()),
         })
     }
 
@@ -613,31 +610,8 @@ impl Machine {
         }
     }
 
-    /// Registers the virtio devices' interrupt lines now, for devices attached later: a
-    /// transfer's new side does it before the pause, so `KVM_IRQFD` is not in the blackout.
-    /// A line no device takes stays registered and unused.
-    pub fn prepare_device_lines(&self) -> Result<()> {
-        for gsi in [BLK_GSI, NET_GSI] {
-            let line = self.new_irq_line(gsi)?;
-            lock(&self.prepared_lines).push((gsi, line));
-        }
-        Ok(())
-    }
-
-    /// An interrupt line for a device on `gsi`: one prepared ahead, or a new one.
+    /// An interrupt line for a device: an eventfd registered as KVM irqfd on `gsi`.
     fn irq_line(&self, gsi: u32) -> Result<EventFd> {
-        let mut lines = lock(&self.prepared_lines);
-        match lines.iter().position(|(g, _)| *g == gsi) {
-            Some(i) => Ok(lines.swap_remove(i).1),
-            None => {
-                drop(lines);
-                self.new_irq_line(gsi)
-            }
-        }
-    }
-
-    /// An eventfd registered as KVM irqfd on `gsi`.
-    fn new_irq_line(&self, gsi: u32) -> Result<EventFd> {
         let irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(format!("eventfd: {e}")))?;
         self.vm

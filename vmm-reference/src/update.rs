@@ -906,12 +906,8 @@ impl Updatable for Vmm {
             |irq| SerialDevice::new(&SerialConfig::Null, None, irq, access),
             &mut |name| input.mark(name),
         )?;
-        // vCPU threads wait at the gate, and devices' interrupt lines are ready: for a
-        // transfer this is before the pause.
+        // vCPU threads wait at the gate: for a transfer this is before the pause.
         machine.spawn_at_gate()?;
-        if input.mode() == Mode::Transfer {
-            machine.prepare_device_lines()?;
-        }
         input.mark("vm-created");
         self.guest = cfg.guest;
         self.arrived.serial = cfg.serial;
