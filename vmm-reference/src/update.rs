@@ -44,6 +44,23 @@ const DISK_FD: &str = "disk.image";
 /// Name of the network device's tap fd.
 const NET_FD: &str = "net.tap";
 
+/// A device's backend fd: handed over as `name` (restart, transfer: `carries`), or opened
+/// from the new command line by `open` (reboot).
+fn backend(
+    input: &mut Loader<'_, '_>,
+    carries: bool,
+    name: &str,
+    open: impl FnOnce() -> std::result::Result<std::fs::File, BoxError>,
+) -> std::result::Result<std::fs::File, BoxError> {
+    if !carries {
+        return open();
+    }
+    let fd = input.fds().take(name);
+    Ok(std::fs::File::from(fd.ok_or_else(|| {
+        format!("the fd `{name}` was not handed over")
+    })?))
+}
+
 /// This application's name in states and hellos.
 pub const APP: &str = "vmm-reference";
 
@@ -958,19 +975,12 @@ impl Updatable for Vmm {
         if let Some(state) = input.take_optional::<crate::virtio_blk::BlkSection>(0)? {
             // Restart and transfer: the image fd came along. Reboot: the command line's path,
             // which must name the very file the state was saved with.
-            let image = if carries {
-                std::fs::File::from(
-                    input
-                        .fds()
-                        .take(DISK_FD)
-                        .ok_or("the disk image's fd was not handed over")?,
-                )
-            } else {
+            let image = backend(input, carries, DISK_FD, || {
                 let disk = self.config.disk.as_ref().ok_or(
                     "the state has a virtio-blk disk: start with --disk and the same image",
                 )?;
-                crate::virtio_blk::open_image(&disk.path, state.read_only)?
-            };
+                Ok(crate::virtio_blk::open_image(&disk.path, state.read_only)?)
+            })?;
             let m = self.machine.as_ref().ok_or("no VM")?;
             let blk = crate::virtio_blk::Blk::restore(&state, image, m.ram.memory().clone())?
                 .with_delay(crate::virtio_blk::test_delay());
@@ -982,22 +992,15 @@ impl Updatable for Vmm {
         if let Some(state) = input.take_optional::<crate::virtio_net::NetSection>(0)? {
             // Restart and transfer: the tap fd came along. Reboot: the command line's tap,
             // which must be the interface the state was saved on.
-            let tap = if carries {
-                std::fs::File::from(
-                    input
-                        .fds()
-                        .take(NET_FD)
-                        .ok_or("the tap's fd was not handed over")?,
-                )
-            } else {
+            let tap = backend(input, carries, NET_FD, || {
                 let net = self.config.net.as_ref().ok_or(
                     "the state has a virtio-net device: start with --net and the same tap",
                 )?;
                 if net.mac.is_some_and(|mac| mac[..] != state.mac[..]) {
                     return Err("--net mac= differs from the MAC the guest was given".into());
                 }
-                crate::vmm::open_net_backend(net)?
-            };
+                Ok(crate::vmm::open_net_backend(net)?)
+            })?;
             let m = self.machine.as_ref().ok_or("no VM")?;
             let net = crate::virtio_net::Net::restore(&state, tap, m.ram.memory().clone())?
                 .with_delay(crate::virtio_net::test_delay());

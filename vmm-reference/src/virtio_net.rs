@@ -32,7 +32,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,6 +121,8 @@ struct Regs {
     held: VecDeque<Vec<u8>>,
     /// The last receive pass stopped for want of buffers (so the tap is not polled).
     starved: bool,
+    /// Where frames are read from the tap, allocated once ([`MAX_FRAME`] bytes).
+    scratch: Vec<u8>,
 }
 
 /// The device, shared by the vCPUs (MMIO) and its worker.
@@ -193,7 +195,7 @@ pub fn check_name(name: &str) -> Result<(), NetError> {
     }
 }
 
-fn ioctl_ifreq(fd: &File, req: libc::c_ulong, ifr: &mut IfReq) -> std::io::Result<()> {
+fn ioctl_ifreq(fd: BorrowedFd<'_>, req: libc::c_ulong, ifr: &mut IfReq) -> std::io::Result<()> {
     // SAFETY: `ifr` is a valid, writable `struct ifreq`-sized buffer for the call; the tun
     // ioctls read and write no more than that.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, ifr as *mut IfReq) };
@@ -216,16 +218,16 @@ pub fn open_tap(name: &str) -> Result<File, NetError> {
         .open("/dev/net/tun")
         .map_err(|e| NetError::Tap(format!("/dev/net/tun: {e}")))?;
     let mut ifr = IfReq::new(name, IFF_TAP | IFF_NO_PI);
-    ioctl_ifreq(&f, TUNSETIFF, &mut ifr)
+    ioctl_ifreq(f.as_fd(), TUNSETIFF, &mut ifr)
         .map_err(|e| NetError::Tap(format!("attach to `{name}`: {e}")))?;
     Ok(f)
 }
 
 /// The interface a tap fd is attached to and whether it is a persistent one; fails if the
 /// fd is not an attached tap (`IFF_TAP`, `IFF_NO_PI`).
-pub fn tap_info(f: &File) -> Result<(String, bool), NetError> {
+pub fn tap_info(f: impl AsFd) -> Result<(String, bool), NetError> {
     let mut ifr = IfReq::new("", 0);
-    ioctl_ifreq(f, TUNGETIFF, &mut ifr)
+    ioctl_ifreq(f.as_fd(), TUNGETIFF, &mut ifr)
         .map_err(|e| NetError::Tap(format!("not an attached tun/tap fd: {e}")))?;
     if ifr.flags & IFF_TAP == 0 || ifr.flags & IFF_NO_PI == 0 {
         return Err(NetError::Tap(format!(
@@ -237,14 +239,31 @@ pub fn tap_info(f: &File) -> Result<(String, bool), NetError> {
     Ok((ifr.name(), ifr.flags & IFF_PERSIST != 0))
 }
 
-/// Takes a tap fd passed in (`--net fd=N`): checks it is one and makes it non-blocking.
-pub fn tap_from_fd(fd: OwnedFd) -> Result<File, NetError> {
-    let f = File::from(fd);
-    tap_info(&f)?;
-    // SAFETY: F_GETFL/F_SETFL on an fd this function owns.
+/// Takes the tap fd number `fd` this process inherited (`--net fd=N`): checks, without
+/// taking it, that it is an attached tap, then owns it (close-on-exec, non-blocking).
+/// Anything else (not open, not a tap) is refused and left alone, so a wrong number can
+/// never close or claim an fd of this process's own.
+pub fn tap_from_inherited(fd: RawFd) -> Result<File, NetError> {
+    // SAFETY: F_GETFD only asks whether the number is an open fd.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(NetError::Tap(format!("--net fd={fd}: not an open fd")));
+    }
+    // SAFETY: `fd` is open (checked above); it is only borrowed for the check, within this
+    // call, and not closed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    tap_info(borrowed).map_err(|e| NetError::Tap(format!("--net fd={fd}: {e}")))?;
+    // SAFETY: `fd` is an attached tap (checked above). This process attaches taps only
+    // through `open_tap`, whose fds are not taken from numbers, so this one is the fd the
+    // operator passed in, and it is taken once.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: F_SETFD/F_GETFL/F_SETFL on the fd now owned here. Close-on-exec: a restart
+    // hands it over itself.
     unsafe {
-        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-        if fl < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+            || fl < 0
+            || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0
+        {
             return Err(std::io::Error::last_os_error().into());
         }
     }
@@ -324,6 +343,7 @@ impl Net {
                 counters: NetCounters::default(),
                 held: VecDeque::new(),
                 starved: false,
+                scratch: vec![0; MAX_FRAME],
             }),
             mem,
             tap,
@@ -411,7 +431,6 @@ impl Net {
     /// while there are both; returns how many buffers were used.
     pub fn receive(&self) -> usize {
         let mut done = 0;
-        let mut buf = Vec::new();
         loop {
             let mut guard = lock(&self.regs);
             let r = &mut *guard;
@@ -426,13 +445,10 @@ impl Net {
             r.starved = false;
             let frame = match r.held.pop_front() {
                 Some(f) => f,
-                None => {
-                    buf.resize(MAX_FRAME, 0);
-                    match (&self.tap).read(&mut buf) {
-                        Ok(n) if n > 0 => buf[..n].to_vec(),
-                        _ => return done,
-                    }
-                }
+                None => match self.read_frame(&mut r.scratch) {
+                    Some(f) => f,
+                    None => return done,
+                },
             };
             let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
                 // An available index the ring cannot back (hostile): the frame goes back.
@@ -556,19 +572,25 @@ impl Net {
         if let Err(e) = set_intake(&self.tap, true) {
             log::warn!("virtio-net: closing the tap to new frames: {e}");
         }
-        let mut r = lock(&self.regs);
+        let mut guard = lock(&self.regs);
+        let r = &mut *guard;
         let mut n = 0;
-        let mut buf = vec![0u8; MAX_FRAME];
         while r.held.len() < MAX_HELD {
-            match (&self.tap).read(&mut buf) {
-                Ok(len) if len > 0 => {
-                    r.held.push_back(buf[..len].to_vec());
-                    n += 1;
-                }
-                _ => break,
-            }
+            let Some(frame) = self.read_frame(&mut r.scratch) else {
+                break;
+            };
+            r.held.push_back(frame);
+            n += 1;
         }
         n
+    }
+
+    /// The next frame queued in the tap, read through `scratch`; `None` when there is none.
+    fn read_frame(&self, scratch: &mut [u8]) -> Option<Vec<u8>> {
+        match (&self.tap).read(scratch) {
+            Ok(n) if n > 0 => Some(scratch[..n].to_vec()),
+            _ => None,
+        }
     }
 
     /// The state (call it paused).
@@ -736,6 +758,7 @@ pub fn fuzz_driver(data: &[u8]) -> usize {
             counters: NetCounters::default(),
             held: VecDeque::new(),
             starved: false,
+            scratch: vec![0; MAX_FRAME],
         }),
         mem: mem.clone(),
         tap: File::from(OwnedFd::from(ours)),
@@ -808,6 +831,10 @@ mod tests {
     fn a_file_that_is_not_a_tap_is_refused() {
         let f = tempfile::tempfile().unwrap();
         assert!(matches!(tap_info(&f), Err(NetError::Tap(_))));
-        assert!(tap_from_fd(f.into()).is_err());
+        // Refused, and left open: the number is not taken.
+        let raw = f.as_raw_fd();
+        assert!(tap_from_inherited(raw).is_err());
+        assert!(f.metadata().is_ok(), "still open");
+        assert!(tap_from_inherited(1 << 20).is_err());
     }
 }

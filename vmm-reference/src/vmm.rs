@@ -636,22 +636,7 @@ pub(crate) fn open_net_backend(
     use crate::config::NetBackend;
     match &net.backend {
         NetBackend::Tap(name) => crate::virtio_net::open_tap(name),
-        NetBackend::Fd(fd) => {
-            use std::os::fd::FromRawFd;
-            // SAFETY: F_GETFD only asks whether the number is an open fd.
-            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                return Err(crate::virtio_net::NetError::Tap(format!(
-                    "--net fd={fd}: not an open fd"
-                )));
-            }
-            // SAFETY: the operator handed this process fd `fd` for the network device; it
-            // is open (checked above), above stdio, and taken once, at boot, before
-            // anything else of this process could have claimed it.
-            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(*fd) };
-            // SAFETY: FD_CLOEXEC on the fd now owned here: a restart hands it over itself.
-            unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            crate::virtio_net::tap_from_fd(owned)
-        }
+        NetBackend::Fd(fd) => crate::virtio_net::tap_from_inherited(*fd),
     }
 }
 

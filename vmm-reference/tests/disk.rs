@@ -207,20 +207,7 @@ fn a_failed_transfer_leaves_the_disk_working_in_the_old_process() {
     let a = with_disk(&dir, "memfd");
     let mut vm = start_env(&dir, &a, &[DELAY], "vmm-1.log");
     let b0 = wait_verified(&mut vm.qmp, 0, 4);
-    let mut new = spawn_transfer_target_with(
-        &exe(),
-        &dir.p("x.sock"),
-        &[],
-        &[DELAY, ("CPR_UPDATE_FAULT", "transfer.new.restore:fail")],
-        &dir.p("new.log"),
-    )
-    .unwrap();
-    let uri = format!("unix:{}", dir.s("x.sock"));
-    let e = vm
-        .qmp
-        .execute("cpr-save", json!({"mode": "transfer", "uri": uri}));
-    assert!(e.is_err(), "the transfer fails");
-    let _ = wait_exit(&mut new, T);
+    failed_transfer(&mut vm, &dir, &[DELAY]);
     wait_verified(&mut vm.qmp, b0["verified"].as_u64().unwrap(), 8);
     counters_agree(&mut vm.qmp);
     quit(vm);

@@ -230,20 +230,7 @@ fn a_failed_transfer_leaves_the_network_working_in_the_old_process() {
     let a = with_net(&dir, "memfd");
     let mut vm = start_in(&lab, &dir, &a, DELAY, "vmm-1.log");
     let e0 = wait_echoes(&mut vm.qmp, 0, 4);
-    let mut new = spawn_transfer_target_with(
-        &exe(),
-        &dir.p("x.sock"),
-        &[],
-        &[DELAY, ("CPR_UPDATE_FAULT", "transfer.new.restore:fail")],
-        &dir.p("new.log"),
-    )
-    .unwrap();
-    let uri = format!("unix:{}", dir.s("x.sock"));
-    let e = vm
-        .qmp
-        .execute("cpr-save", json!({"mode": "transfer", "uri": uri}));
-    assert!(e.is_err(), "the transfer fails");
-    let _ = wait_exit(&mut new, T);
+    failed_transfer(&mut vm, &dir, &[DELAY]);
     wait_echoes(&mut vm.qmp, n(&e0, "received"), 4);
     counters_agree(&mut vm.qmp);
     every_echo_arrived(&mut vm.qmp, &lab.peer);
@@ -292,6 +279,19 @@ fn an_inherited_tap_fd_works_and_anything_else_is_refused() {
         !out.status.success() && log.contains("not an attached tun/tap fd"),
         "{log}"
     );
+
+    // A number nobody passed: whatever the VMM itself has open there is refused and left
+    // alone; the VMM says why and exits, it does not crash.
+    let mut a = args(&dir, "memfd", 1);
+    a.extend(["--net".into(), "fd=3".into()]);
+    let out = std::process::Command::new(exe())
+        .arg("run")
+        .args(&a)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--net fd=3"), "{err}");
 
     let child = spawn(tap.as_raw_fd(), "vmm-1.log").spawn().unwrap();
     drop(tap);

@@ -287,3 +287,24 @@ pub fn logged_after(dir: &Dir, prefix: &str) -> Vec<String> {
         .filter_map(|l| l.split(prefix).nth(1).map(str::to_string))
         .collect()
 }
+
+/// A transfer whose new side fails its restore (fault hook): the old VMM must answer with
+/// an error and keep the guest. `env` goes to the new side too.
+pub fn failed_transfer(vm: &mut Vm, dir: &Dir, env: &[(&str, &str)]) {
+    let mut env = env.to_vec();
+    env.push(("CPR_UPDATE_FAULT", "transfer.new.restore:fail"));
+    let mut new = vmm_reference::demo::spawn_transfer_target_with(
+        &exe(),
+        &dir.p("x.sock"),
+        &[],
+        &env,
+        &dir.p("new.log"),
+    )
+    .unwrap();
+    let uri = format!("unix:{}", dir.s("x.sock"));
+    let e = vm
+        .qmp
+        .execute("cpr-save", json!({"mode": "transfer", "uri": uri}));
+    assert!(e.is_err(), "the transfer fails");
+    let _ = wait_exit(&mut new, Duration::from_secs(120));
+}
