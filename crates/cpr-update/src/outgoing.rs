@@ -130,6 +130,11 @@ pub fn update<V: Updatable + ?Sized>(
     timeouts: &Timeouts,
 ) -> std::result::Result<Outcome, Failure> {
     let mode = target.mode();
+    // The stop's timestamp carries the boot id, read once per process. A process that booted
+    // its guest (rather than receiving it) has not read it yet: read it now, not inside the
+    // pause (profiled: an open, a stat and two reads of procfs in the blackout of its first
+    // update).
+    let _ = crate::clock::boot_id();
     let schema = vmm.schema().clone();
     let me = vmm.build_info();
     let ids = current.next().map_err(|e| untouched(vmm, e))?;
