@@ -37,6 +37,18 @@ impl FdRegistry {
     /// its fds: the receiver gets duplicates, and the sender can still resume the guest if
     /// the receiver refuses. Set a write timeout on `sock` to bound the wait for a stuck peer.
     pub fn send(&self, sock: &UnixStream) -> Result<()> {
+        self.send_after(sock, &[])
+    }
+
+    /// Like [`send`](Self::send), but writes `prefix` first, in the same write as the header
+    /// and manifest. A protocol that sends a frame of its own just before the registry (a
+    /// state container, say) saves a write, and the wake-up of a reader that was waiting for
+    /// that frame, without changing what is on the wire: the receiver reads `prefix` its own
+    /// way, then calls [`receive`](Self::receive) as before. The fds still travel on the
+    /// chunks' own bytes, never on the prefix, so a reader with plain `read` cannot drop them.
+    ///
+    /// Nothing is written when the registry is too large or its manifest cannot be built.
+    pub fn send_after(&self, sock: &UnixStream, prefix: &[u8]) -> Result<()> {
         if self.len() > MAX_TRANSFER_FDS {
             return Err(Error::TooManyFds {
                 count: self.len(),
@@ -44,7 +56,8 @@ impl FdRegistry {
             });
         }
         let manifest = FdManifest::of(self, |i, _| i as i32)?.encode()?;
-        let mut header = Vec::with_capacity(16 + manifest.len());
+        let mut header = Vec::with_capacity(prefix.len() + 16 + manifest.len());
+        header.extend_from_slice(prefix);
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&(self.len() as u32).to_le_bytes());
         header.extend_from_slice(&(manifest.len() as u32).to_le_bytes());

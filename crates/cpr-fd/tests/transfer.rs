@@ -117,6 +117,43 @@ fn in_process_round_trip_keeps_order_and_metadata() {
     assert!(FdRegistry::receive(&b).unwrap().is_empty());
 }
 
+#[test]
+fn a_prefix_goes_before_the_registry_and_the_fds_still_arrive() {
+    let reg = files(300, "prefix");
+    let prefix: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let (a, b) = UnixStream::pair().unwrap();
+    let want = prefix.clone();
+    let t = thread::spawn(move || {
+        // The receiver reads the prefix with plain reads, as a protocol reads its own frame.
+        let mut got = vec![0u8; want.len()];
+        (&b).read_exact(&mut got).unwrap();
+        assert_eq!(got, want, "the prefix arrives whole and first");
+        FdRegistry::receive(&b)
+    });
+    reg.send_after(&a, &prefix).unwrap();
+    let got = t.join().unwrap().unwrap();
+    check_files(&got, 300);
+    // The same bytes as a separate write of the prefix and then `send`.
+    assert_eq!(
+        header_and_manifest(&reg),
+        {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            reg.send_after(&a, b"xyz").unwrap();
+            drop(a);
+            let mut p = [0u8; 3];
+            b.read_exact(&mut p).unwrap();
+            assert_eq!(&p, b"xyz");
+            let mut head = [0u8; 16];
+            b.read_exact(&mut head).unwrap();
+            let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
+            let mut manifest = vec![0u8; len];
+            b.read_exact(&mut manifest).unwrap();
+            [head.to_vec(), manifest].concat()
+        },
+        "the prefix changes nothing after it"
+    );
+}
+
 /// The bytes `send` writes before the fds: header and manifest.
 fn header_and_manifest(reg: &FdRegistry) -> Vec<u8> {
     let (a, mut b) = UnixStream::pair().unwrap();

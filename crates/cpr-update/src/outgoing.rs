@@ -381,8 +381,7 @@ impl Ctx<'_> {
                 ids: self.ids,
                 container,
             };
-            ch.send(&Message::Memory(memory), t.write)?;
-            ch.send_fds(&mem, t.write)?;
+            ch.send_with_fds(&Message::Memory(memory), &mem, t.write)?;
             vmm.progress(Progress::MemorySent);
             fault::hit("transfer.old.before-ready")?;
             ch.recv("READY", t.prepare)?;
@@ -408,8 +407,7 @@ impl Ctx<'_> {
         let handed = (|| -> Result<()> {
             let mut reg = FdRegistry::new();
             let bytes = self.encode(vmm, version, &stopped, Some(&mut reg), false)?;
-            ch.send(&Message::State(bytes), t.write)?;
-            ch.send_fds(&reg, t.write)?;
+            ch.send_with_fds(&Message::State(bytes), &reg, t.write)?;
             vmm.progress(Progress::StateSent);
             ch.recv("RESTORED", t.restore)?;
             vmm.progress(Progress::PeerRestored);
