@@ -1158,6 +1158,20 @@ mod loop_tests {
     /// The state a restart carries: queued commands, a started one, unwritten output;
     /// a second monitor built from it replays them in order before reading the socket.
     #[test]
+    fn every_state_this_build_writes_carries_the_monitor_output() {
+        // An update's `STOP` is queued in the pause and reaches the client through the
+        // carried output: a state version without it (monitor 1) would lose the event.
+        let schema = crate::update::schema();
+        for v in schema.versions() {
+            assert!(
+                schema.type_version::<MonitorSection>(v) >= 2,
+                "state version {v} has monitor {}",
+                schema.type_version::<MonitorSection>(v)
+            );
+        }
+    }
+
+    #[test]
     fn input_and_output_are_carried_to_the_next_monitor() {
         let mut f = fixture(4);
         let (s, mut r) = f.negotiated();

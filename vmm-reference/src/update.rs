@@ -668,7 +668,12 @@ impl Pausable for Vmm {
         let ns = self.machine.as_ref().ok_or("no VM")?.pause(PAUSE_TIMEOUT)?;
         self.state = RunState::Paused;
         self.paused_at_ns = ns;
-        self.stop_event(ns);
+        // Written after the pause, not in it (a write that also wakes the client, which then
+        // competes for the CPUs): by the next image, which gets it with the monitor's carried
+        // output and writes it before its `RESUME`; by this process when it resumes the guest
+        // after a failure (`STOP` then `RESUME`), exits after a reboot's save, or keeps the
+        // monitor after a `migrate`.
+        self.queue_stop_event(ns);
         Ok(ns)
     }
 
@@ -822,6 +827,8 @@ impl Updatable for Vmm {
             .as_ref()
             .filter(|_| !self.migration.keep_monitor)
         {
+            // Every state version this build writes has `monitor` 2, which carries the
+            // pending output, the update's `STOP` among it (a test holds the schema to it).
             mon.register_fds(&mut collect)?;
             out.write(0, &mon.carry())?;
         }

@@ -28,6 +28,7 @@ fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
     let fds_before = fd_kinds(before.pid);
     let mut prev = before.clone();
     for i in 0..2 {
+        vm.qmp.clear_events();
         // The same client connection sends cpr-save, gets its answer from the new image.
         let r = vm
             .qmp
@@ -36,9 +37,7 @@ fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
         assert_eq!(r["mode"], "restart");
         let blackout = r["blackout-us"].as_u64().unwrap();
         assert!(blackout > 0, "restart {i}: {r}");
-        vm.qmp
-            .wait_event("RESUME", Duration::from_secs(10))
-            .unwrap();
+        stop_then_resume(&mut vm.qmp);
         let after = wait_progress(&mut vm.qmp, &prev, 2).unwrap();
         check_continuity(&prev, &after).unwrap_or_else(|e| panic!("restart {i}: {e}"));
         assert_eq!(after.pid, before.pid, "exec in place keeps the pid");
@@ -63,21 +62,31 @@ fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
 
 /// The next answer (not an event) on `qmp`.
 fn next_answer(qmp: &mut QmpClient) -> serde_json::Value {
+    next_answer_keeping(qmp, &mut Vec::new())
+}
+
+/// The next answer on `qmp`, adding the events before it to `events`.
+fn next_answer_keeping(
+    qmp: &mut QmpClient,
+    events: &mut Vec<serde_json::Value>,
+) -> serde_json::Value {
     loop {
         let m = qmp.read_message().unwrap();
         if m.get("event").is_none() {
             return m;
         }
+        events.push(m);
     }
 }
 
 /// Sends `cpr-save` with `arguments` followed, in the same write, by two more commands and
 /// the first half of a third; sends the second half once `cpr-save` is answered. Checks
-/// that all three follow that answer, in order, answered; returns the `cpr-save` answer.
+/// that all three follow that answer, in order, answered; returns the `cpr-save` answer and
+/// the events that came before it.
 fn cpr_save_with_commands_in_flight(
     qmp: &mut QmpClient,
     arguments: serde_json::Value,
-) -> serde_json::Value {
+) -> (serde_json::Value, Vec<serde_json::Value>) {
     let batch = format!(
         "{}{}{}",
         json!({"execute": "cpr-save", "arguments": arguments, "id": "save"}),
@@ -86,7 +95,8 @@ fn cpr_save_with_commands_in_flight(
     );
     qmp.send_raw(batch.as_bytes()).unwrap();
     qmp.send_raw(br#"{"execute": "query-status", "#).unwrap();
-    let save = next_answer(qmp);
+    let mut events = Vec::new();
+    let save = next_answer_keeping(qmp, &mut events);
     assert_eq!(
         save["id"], "save",
         "the cpr-save answer comes first: {save}"
@@ -101,7 +111,7 @@ fn cpr_save_with_commands_in_flight(
     let status = next_answer(qmp);
     assert_eq!(status["id"], "status", "{status}");
     assert_eq!(status["return"]["status"], "running", "{status}");
-    save
+    (save, events)
 }
 
 #[test]
@@ -117,7 +127,7 @@ fn commands_sent_during_a_restart_are_answered_in_order() {
         return;
     };
     // The restart fails: the old image answers them itself, in order.
-    let save = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
+    let (save, events) = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
     assert!(
         save["error"]["desc"]
             .as_str()
@@ -125,9 +135,13 @@ fn commands_sent_during_a_restart_are_answered_in_order() {
             .contains("resumed in this process"),
         "{save}"
     );
+    // Stopped and resumed in this process: both events, in order, before the answer.
+    stop_then_resume_in(&events);
     // Read and queued by the old image before it stopped: replayed by the new one.
-    let save = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
+    let (save, events) = cpr_save_with_commands_in_flight(&mut vm.qmp, json!({"mode": "restart"}));
     assert_eq!(save["return"]["mode"], "restart", "{save}");
+    // The STOP this image stamped, written by the next one before its RESUME.
+    stop_then_resume_in(&events);
     let info = vm.qmp.execute("cpr-info", json!({})).unwrap();
     assert_eq!(info["last-update"]["mode"], "restart", "{info}");
     let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
@@ -610,7 +624,7 @@ fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
     let mut new_child =
         spawn_transfer_target(&exe(), &dir.p("xfer.sock"), &dir.p("new.log")).unwrap();
     // Commands sent behind cpr-save are answered by the new process, in order.
-    let save = cpr_save_with_commands_in_flight(
+    let (save, events) = cpr_save_with_commands_in_flight(
         &mut old.qmp,
         json!({"mode": "transfer", "uri": format!("unix:{}", dir.s("xfer.sock"))}),
     );
@@ -620,6 +634,8 @@ fn transfer_hands_the_guest_and_the_client_to_a_new_process() {
     });
     assert_eq!(r["mode"], "transfer");
     assert!(r["blackout-us"].as_u64().unwrap() > 0);
+    // The old process stamped STOP; the new one wrote it (carried), then its RESUME.
+    stop_then_resume_in(&events);
     assert_eq!(
         wait_exit(&mut old.child, Duration::from_secs(60)).unwrap(),
         0,
@@ -688,6 +704,7 @@ fn failed_transfers_leave_the_guest_in_the_old_process() {
         assert!(rest.get("monitor.listener").is_some());
         assert!(ch.abort("no thanks"));
     });
+    vm.qmp.clear_events();
     let e = vm
         .qmp
         .execute(
@@ -700,6 +717,8 @@ fn failed_transfers_leave_the_guest_in_the_old_process() {
         "{e}"
     );
     peer.join().unwrap();
+    // Stopped, then resumed here: both events, in that order.
+    stop_then_resume(&mut vm.qmp);
     let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
     check_continuity(&before, &after).unwrap();
     assert_eq!(after.pid, before.pid);

@@ -308,3 +308,33 @@ pub fn failed_transfer(vm: &mut Vm, dir: &Dir, env: &[(&str, &str)]) {
     assert!(e.is_err(), "the transfer fails");
     let _ = wait_exit(&mut new, Duration::from_secs(120));
 }
+
+/// An event's QMP timestamp in µs.
+fn event_us(e: &Value) -> u64 {
+    let t = &e["timestamp"];
+    t["seconds"].as_u64().unwrap() * 1_000_000 + t["microseconds"].as_u64().unwrap()
+}
+
+/// Checks that `events` (in the order received) hold one `STOP` and, after it, a `RESUME`,
+/// stamped no earlier: the VMM writes an update's `STOP` after the pause, but it must still
+/// come first and tell when the guest stopped. Returns the span between the stamps in µs.
+pub fn stop_then_resume_in(events: &[Value]) -> u64 {
+    let names: Vec<&Value> = events.iter().map(|e| &e["event"]).collect();
+    let stops: Vec<usize> = (0..events.len()).filter(|&i| names[i] == "STOP").collect();
+    assert_eq!(stops.len(), 1, "one STOP: {names:?}");
+    let resume = (stops[0]..events.len())
+        .find(|&i| names[i] == "RESUME")
+        .unwrap_or_else(|| panic!("a RESUME after the STOP: {names:?}"));
+    let (stop, resume) = (event_us(&events[stops[0]]), event_us(&events[resume]));
+    assert!(stop <= resume, "STOP at {stop} us, RESUME at {resume} us");
+    resume - stop
+}
+
+/// Waits for the `RESUME` that ends an update's pause, then checks the events with
+/// [`stop_then_resume_in`]. Clear the client's events before the update.
+pub fn stop_then_resume(qmp: &mut vmm_reference::qmp_client::QmpClient) -> u64 {
+    let resume = qmp.wait_event("RESUME", Duration::from_secs(60)).unwrap();
+    let mut seen: Vec<Value> = qmp.events().cloned().collect();
+    seen.push(resume);
+    stop_then_resume_in(&seen)
+}
