@@ -56,6 +56,16 @@ fn restart_keeps_the_guest_the_client_and_no_stray_fd() {
         now, fds_before,
         "the same kinds and numbers of fds after restart"
     );
+    // The child that held the old image's address space across each exec is gone and
+    // reaped once the guest ran (the old VM's closer thread leaves none either).
+    while !children_of(before.pid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        children_of(before.pid),
+        Vec::<u64>::new(),
+        "no child process left"
+    );
     quit(vm);
     assert_serial_covers(&dir, &prev);
 }

@@ -26,6 +26,15 @@ pub const FD_STATE: &str = "cpr.state";
 pub const FD_HANDOVER: &str = "cpr.handover";
 /// fd name of the previous image's executable (`/proc/self/exe`, opened before the exec).
 pub const FD_PREVIOUS_EXE: &str = "cpr.previous-exe";
+/// fd name of the write end of a pipe whose reader, a child of the process, holds the
+/// previous image's address space so the exec did not have to tear it down; its metadata
+/// is the child's pid (i32, little-endian). The new image closes it and reaps the child once
+/// the guest runs. Sent only to a build that announces [`FEATURE_OLD_MM`].
+pub const FD_OLD_MM: &str = "cpr.old-mm";
+/// The feature a build announces (every build of this crate does, through
+/// [`BuildInfo::new`](crate::BuildInfo::new)) when its restart path releases
+/// [`FD_OLD_MM`]; an older build would leave the holder for its exit.
+pub const FEATURE_OLD_MM: &str = "cpr.old-mm";
 
 const MAGIC: &[u8; 8] = b"CPRUHO01";
 /// Largest record accepted.

@@ -17,7 +17,7 @@ use cpr_snapshot::{Schema, Snapshot, SnapshotHeader};
 use crate::api::{Loader, Marks, Phase, Progress, Report, Updatable};
 use crate::clock::{monotonic_ns, Elapsed};
 use crate::error::{hook, io, Error, Result, Step};
-use crate::handover::{Record, FD_HANDOVER, FD_PREVIOUS_EXE, FD_STATE};
+use crate::handover::{Record, FD_HANDOVER, FD_OLD_MM, FD_PREVIOUS_EXE, FD_STATE};
 use crate::outgoing::{check_hello, Timeouts};
 use crate::protocol::{Channel, Hello, Message, ProtocolError, Role, PROTOCOL_VERSION};
 use crate::section::{Ids, UpdateInfo, UpdateSection};
@@ -192,6 +192,9 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
         .take(FD_HANDOVER)
         .ok_or(Error::NotAnUpdate("no `cpr.handover` fd"))?;
     let previous = fds.take(FD_PREVIOUS_EXE);
+    // The previous image's address space, still held: let it go once the guest runs here
+    // (its teardown then overlaps the guest instead of delaying it), or before going back.
+    let old_mm = fds.take(FD_OLD_MM).map(OldMm::from_entry);
     let (_, record) = read_memfd(
         record.into_fd(),
         crate::handover::MAX_RECORD as u64,
@@ -225,7 +228,11 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
         Ok(loaded) => {
             drop(backup);
             drop(previous);
-            let report = run(vmm, &loaded, &mut marks, opts, None)?;
+            let ran = run(vmm, &loaded, &mut marks, opts, None);
+            if let Some(m) = old_mm {
+                m.release_in_background();
+            }
+            let report = ran?;
             Ok(Resumed {
                 report,
                 ids: loaded.info.ids,
@@ -238,6 +245,9 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
         Err(e) => {
             vmm.discard();
             drop(fds);
+            if let Some(m) = old_mm {
+                m.release();
+            }
             let (Some(backup), Some(previous)) = (backup, previous) else {
                 return Err(e);
             };
@@ -247,6 +257,50 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
                 restore: Box::new(e),
                 exec: Box::new(exec),
             })
+        }
+    }
+}
+
+/// The write end of the pipe that keeps the previous image's address space alive (see
+/// [`FD_OLD_MM`]), and the holder's pid from its metadata (none if the metadata is not a
+/// positive pid: the fd is still closed, and only a child of this process is ever reaped).
+struct OldMm {
+    keep: OwnedFd,
+    pid: Option<i32>,
+}
+
+impl OldMm {
+    fn from_entry(e: FdEntry) -> OldMm {
+        let pid = <[u8; 4]>::try_from(e.metadata())
+            .ok()
+            .map(i32::from_le_bytes)
+            .filter(|p| *p > 0);
+        OldMm {
+            keep: e.into_fd(),
+            pid,
+        }
+    }
+
+    /// Closes the pipe, so the holder exits and the kernel frees the old address space,
+    /// and waits for it.
+    fn release(self) {
+        drop(self.keep);
+        if let Some(pid) = self.pid {
+            crate::sys::reap(pid);
+        }
+    }
+
+    /// [`release`](Self::release) on a thread of its own: the guest runs meanwhile.
+    fn release_in_background(self) {
+        let pid = self.pid;
+        drop(self.keep);
+        if let Some(pid) = pid {
+            let spawned = std::thread::Builder::new()
+                .name("cpr-old-mm".into())
+                .spawn(move || crate::sys::reap(pid));
+            if spawned.is_err() {
+                crate::sys::reap(pid);
+            }
         }
     }
 }

@@ -49,7 +49,8 @@ impl BuildInfo {
             version: version.to_string(),
             reads: schema.versions(),
             writes: schema.versions(),
-            features: Vec::new(),
+            // This crate's restart path releases the old address space's holder.
+            features: vec![crate::handover::FEATURE_OLD_MM.to_string()],
         }
     }
 

@@ -18,10 +18,11 @@ use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
 use crate::api::{Failure, Guest, Progress, Saver, Updatable};
 use crate::clock::{monotonic_ns, StopTime};
 use crate::error::{hook, io, Error, Result, Step};
-use crate::handover::{Record, FD_HANDOVER, FD_PREVIOUS_EXE, FD_STATE};
+use crate::handover::{Record, FD_HANDOVER, FD_OLD_MM, FD_PREVIOUS_EXE, FD_STATE, FEATURE_OLD_MM};
 use crate::info::{probe, BuildInfo};
 use crate::protocol::{Channel, Hello, Memory, Message, ProtocolError, Role, PROTOCOL_VERSION};
 use crate::section::{Ids, UpdateSection};
+use crate::sys::MmHolder;
 use crate::{fault, Mode};
 
 /// Where the guest goes.
@@ -297,7 +298,7 @@ impl Ctx<'_> {
         args: &[OsString],
     ) -> std::result::Result<std::convert::Infallible, Failure> {
         // Ask the target what it reads, while the guest runs on.
-        let version = probe(program, self.timeouts.probe)
+        let (version, holds) = probe(program, self.timeouts.probe)
             .and_then(|peer| {
                 let v = self.me.version_for(&peer)?;
                 vmm.progress(Progress::Negotiated {
@@ -305,9 +306,14 @@ impl Ctx<'_> {
                     version: v,
                     target: Some(&peer),
                 });
-                Ok(v)
+                Ok((v, peer.has_feature(FEATURE_OLD_MM)))
             })
             .map_err(|e| untouched(vmm, e))?;
+        // Before the pause: the child that keeps this address space from being torn down
+        // inside the exec. Without it (a target that would not release it, or no
+        // close_range) the exec pays for the teardown, as before. Declared before `reg`, so
+        // dropped after it when the exec fails.
+        let holder = if holds { MmHolder::start().ok() } else { None };
         let stopped = self.stop(vmm)?;
         let mut reg = FdRegistry::new();
         let error = (|| -> Result<Error> {
@@ -328,6 +334,12 @@ impl Ctx<'_> {
             };
             let record = cpr_fd::sealed_memfd("cpr-update-handover", &record.encode())?;
             reg.register(FD_HANDOVER, FdKind::STATE, record, b"")?;
+            if let Some(h) = &holder {
+                let keep = h
+                    .keep()
+                    .map_err(io("dup the address space holder's pipe"))?;
+                reg.register(FD_OLD_MM, FdKind::OTHER, keep, &h.pid().to_le_bytes())?;
+            }
             let prepared = reg.prepare()?;
             Ok(Error::Fd(prepared.exec(program, args)))
         })()

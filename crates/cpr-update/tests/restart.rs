@@ -69,6 +69,13 @@ fn parent() {
         "{ok}"
     );
     assert!(ok.contains("pid-kept"), "{ok}");
+    // The exec did not tear the old address space down: a child held it, until the guest
+    // ran here.
+    assert!(
+        ok.contains("holder-alive") && ok.contains("holder-reaped"),
+        "{ok}"
+    );
+    assert!(ok.contains("no-children"), "{ok}");
 
     let back = run("restart", &[("TOY_FAIL_RESTORE", "1")]);
     assert!(
@@ -77,6 +84,9 @@ fn parent() {
         ),
         "the previous binary resumed the guest and says why: {back}"
     );
+    // The failing image let the holder go before going back; nothing is left over.
+    assert!(back.contains("holder-alive"), "{back}");
+    assert!(back.contains("no-children"), "{back}");
 
     let fault = run(
         "restart",
@@ -130,7 +140,27 @@ fn next_image(fds: cpr_fd::FdRegistry) {
         std::env::remove_var("TOY_FAIL_RESTORE");
         toy.fail = Some("restore");
     }
+    // The previous image's address space, still held by a child of this process.
+    let holder = fds.get(cpr_update::handover::FD_OLD_MM).map(|e| {
+        let pid = i32::from_le_bytes(e.metadata().try_into().unwrap());
+        assert_eq!(parent_of(pid), Some(std::process::id() as i32), "our child");
+        let theirs = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let ours = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert_ne!(theirs, ours, "it holds the old address space, not this one");
+        println!("holder-alive");
+        pid
+    });
     let r = resume_after_exec(&mut toy, fds, &Incoming::default()).unwrap();
+    if let Some(pid) = holder {
+        // Released once the guest runs, then reaped: no zombie is left.
+        wait_until("the holder to be reaped", || {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        });
+        println!("holder-reaped");
+    }
+    // Whichever image resumed, it has no child left behind.
+    wait_until("no child process", || children().is_empty());
+    println!("no-children");
     if std::env::var("TOY_PID").unwrap() == std::process::id().to_string() {
         println!("pid-kept");
     }
@@ -143,4 +173,33 @@ fn next_image(fds: cpr_fd::FdRegistry) {
     );
     assert!(toy.running && toy.committed);
     assert_eq!(common::eventfd_count(toy.device.as_ref().unwrap()), 3);
+}
+
+/// The parent pid of `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The field after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// This process's children, alive or not yet reaped.
+fn children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| parent_of(pid) == Some(me))
+        .collect()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 60 s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

@@ -338,3 +338,22 @@ pub fn stop_then_resume(qmp: &mut vmm_reference::qmp_client::QmpClient) -> u64 {
     seen.push(resume);
     stop_then_resume_in(&seen)
 }
+
+/// The processes whose parent is `pid` (alive, or exited and not yet reaped).
+pub fn children_of(pid: u64) -> Vec<u64> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|child| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                return false;
+            };
+            // The field after the command name (in parentheses, which may hold spaces).
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split(' ').nth(1))
+                .and_then(|p| p.parse::<u64>().ok());
+            ppid == Some(pid)
+        })
+        .collect()
+}
