@@ -93,6 +93,7 @@ extern "C" fn holder_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: raw system calls on this child's own fd table and signal mask; the mask is a
     // local the kernel only reads.
     unsafe {
+        // Blocked already (inherited from the clone); again, in case a caller changes that.
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_BLOCK,
@@ -143,6 +144,17 @@ impl MmHolder {
             return Err(io::Error::last_os_error());
         }
         let packed = (r.as_raw_fd() as u32 as u64) | ((w.as_raw_fd() as u32 as u64) << 32);
+        // The child starts with every signal blocked (it inherits this thread's mask), so
+        // no handler of this process ever runs in it; this thread's mask is put back after.
+        // SAFETY: sigset_t is plain data that sigfillset and pthread_sigmask only write.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both sets live for the calls.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        }
         // SAFETY: the child runs `holder_main` on the top of its own stack mapping and makes
         // raw system calls only (see the type's documentation); CLONE_VM shares the address
         // space and nothing else, SIGCHLD makes it an ordinary child to wait for.
@@ -154,6 +166,8 @@ impl MmHolder {
                 packed as usize as *mut libc::c_void,
             )
         };
+        // SAFETY: puts back the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         if pid < 0 {
             let e = io::Error::last_os_error();
             // SAFETY: our mapping, which no one used.
