@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use cpr_kvm::run::{arm_kick, install_kick_handler, kick, PauseControl, Resume};
+use cpr_kvm::run::{arm_kick, install_kick_handler, kick, prefault_thread, PauseControl, Resume};
 use cpr_kvm::{
     capture_vm, complete_and_capture, monotonic_ns, restore_vcpu_with, restore_vm, ClockPolicy,
     HostCaps, VcpuConfig, VcpuState, VmState,
@@ -711,15 +711,17 @@ impl Machine {
         r
     }
 
-    /// The state of a paused VM: VM-wide, then each vCPU's (captured by its own thread).
+    /// The state of a paused VM: VM-wide, then each vCPU's (captured by its own thread at
+    /// this pause, and taken: moved, not copied into fresh memory inside the blackout; the
+    /// next pause captures again).
     pub fn capture(&self) -> Result<(VmState, Vec<VcpuState>)> {
         let vm = capture_vm(&self.vm, true)?;
-        let states = self.shared.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = self.shared.states.lock().unwrap_or_else(|p| p.into_inner());
         let vcpus = states
-            .iter()
+            .iter_mut()
             .enumerate()
-            .map(|(i, s)| match s {
-                Some(Ok(s)) => Ok(s.clone()),
+            .map(|(i, s)| match s.take() {
+                Some(Ok(s)) => Ok(s),
                 Some(Err(e)) => Err(Error::State(format!("vCPU {i}: {e}"))),
                 None => Err(Error::State(format!("vCPU {i} has not been captured"))),
             })
@@ -756,6 +758,8 @@ impl Machine {
 /// A vCPU thread: at the gate until it opens (restoring its vCPU's state if it gets there
 /// first), then the run loop, holding its vCPU for good.
 fn vcpu_thread(index: usize, vcpu: Arc<Mutex<Vcpu>>, shared: Arc<Shared>, events: Events) {
+    // What a restore here and a capture at the next pause touch, resident before either.
+    prefault_thread();
     loop {
         match shared.gate.wait(index) {
             AtGate::Restore(job) => {

@@ -8,7 +8,7 @@
 //! fds in chunks of at most [`MAX_FDS_PER_MESSAGE`], each chunk one `sendmsg` whose data is
 //! (chunk index u32, fd count u32) and whose `SCM_RIGHTS` control message carries the fds.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -25,6 +25,20 @@ pub const MAX_TRANSFER_FDS: usize = 65536;
 
 const MAGIC: [u8; 8] = *b"CPRFDTX1";
 
+/// Writes every byte of `bufs`, in as few `writev` calls as the socket takes.
+fn write_all_vectored(sock: &UnixStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match (&mut &*sock).write_vectored(bufs) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn read_exact(sock: &mut &UnixStream, buf: &mut [u8], what: &'static str) -> Result<()> {
     sock.read_exact(buf).map_err(|e| match e.kind() {
         ErrorKind::UnexpectedEof => Error::TransferTruncated(what),
@@ -40,15 +54,16 @@ impl FdRegistry {
         self.send_after(sock, &[])
     }
 
-    /// Like [`send`](Self::send), but writes `prefix` first, in the same write as the header
-    /// and manifest. A protocol that sends a frame of its own just before the registry (a
-    /// state container, say) saves a write, and the wake-up of a reader that was waiting for
-    /// that frame, without changing what is on the wire: the receiver reads `prefix` its own
-    /// way, then calls [`receive`](Self::receive) as before. The fds still travel on the
-    /// chunks' own bytes, never on the prefix, so a reader with plain `read` cannot drop them.
+    /// Like [`send`](Self::send), but writes the `prefix` slices first, in the same write
+    /// (`writev`, nothing copied) as the header and manifest. A protocol that sends a frame
+    /// of its own just before the registry (a state container, say) saves a write, and the
+    /// wake-up of a reader that was waiting for that frame, without changing what is on the
+    /// wire: the receiver reads the prefix its own way, then calls
+    /// [`receive`](Self::receive) as before. The fds still travel on the chunks' own bytes,
+    /// never on the prefix, so a reader with plain `read` cannot drop them.
     ///
     /// Nothing is written when the registry is too large or its manifest cannot be built.
-    pub fn send_after(&self, sock: &UnixStream, prefix: &[u8]) -> Result<()> {
+    pub fn send_after(&self, sock: &UnixStream, prefix: &[&[u8]]) -> Result<()> {
         if self.len() > MAX_TRANSFER_FDS {
             return Err(Error::TooManyFds {
                 count: self.len(),
@@ -56,15 +71,14 @@ impl FdRegistry {
             });
         }
         let manifest = FdManifest::of(self, |i, _| i as i32)?.encode()?;
-        let mut header = Vec::with_capacity(prefix.len() + 16 + manifest.len());
-        header.extend_from_slice(prefix);
+        let mut header = Vec::with_capacity(16 + manifest.len());
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&(self.len() as u32).to_le_bytes());
         header.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
         header.extend_from_slice(&manifest);
-        (&mut &*sock)
-            .write_all(&header)
-            .map_err(os("write to socket"))?;
+        let mut bufs: Vec<IoSlice<'_>> = prefix.iter().map(|p| IoSlice::new(p)).collect();
+        bufs.push(IoSlice::new(&header));
+        write_all_vectored(sock, &mut bufs).map_err(os("write to socket"))?;
         for (i, chunk) in self.entries.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
             let fds: Vec<RawFd> = chunk.iter().map(|e| e.fd().as_raw_fd()).collect();
             let mut data = [0u8; 8];

@@ -130,7 +130,8 @@ fn a_prefix_goes_before_the_registry_and_the_fds_still_arrive() {
         assert_eq!(got, want, "the prefix arrives whole and first");
         FdRegistry::receive(&b)
     });
-    reg.send_after(&a, &prefix).unwrap();
+    // In two pieces, as a protocol sends its frame header and the payload it borrows.
+    reg.send_after(&a, &[&prefix[..7], &prefix[7..]]).unwrap();
     let got = t.join().unwrap().unwrap();
     check_files(&got, 300);
     // The same bytes as a separate write of the prefix and then `send`.
@@ -138,7 +139,7 @@ fn a_prefix_goes_before_the_registry_and_the_fds_still_arrive() {
         header_and_manifest(&reg),
         {
             let (a, mut b) = UnixStream::pair().unwrap();
-            reg.send_after(&a, b"xyz").unwrap();
+            reg.send_after(&a, &[b"xyz"]).unwrap();
             drop(a);
             let mut p = [0u8; 3];
             b.read_exact(&mut p).unwrap();

@@ -83,6 +83,16 @@ impl<'s, W: Write> SnapshotWriter<'s, W> {
         })
     }
 
+    /// Reserves `bytes` for a section's payload and touches that memory now, so that
+    /// encoding sections up to that size later neither grows the buffer nor takes a page
+    /// fault on it: for a writer made before a pause and filled inside it.
+    pub fn prepare_payload(&mut self, bytes: usize) {
+        self.payload.clear();
+        self.payload.resize(bytes, 1);
+        std::hint::black_box(&mut self.payload);
+        self.payload.clear();
+    }
+
     /// The state version sections are encoded at.
     pub fn target_version(&self) -> u16 {
         self.target

@@ -55,6 +55,27 @@ fn v1_written_is_read_by_v3_with_defaults() {
 }
 
 #[test]
+fn a_prepared_writer_writes_the_same_bytes() {
+    // Sections larger and smaller than the prepared room: preparing changes no byte.
+    let schema = v3::schema();
+    let write = |prepare: Option<usize>| {
+        let mut w = SnapshotWriter::new(Vec::new(), &schema, "sample", "3.0.0", 3).unwrap();
+        if let Some(n) = prepare {
+            w.prepare_payload(n);
+        }
+        for i in 0..2 {
+            w.write_section(i, &v3::sample(i)).unwrap();
+        }
+        w.write_section(0, &v3::Stats { exits: 42 }).unwrap();
+        w.finish().unwrap()
+    };
+    let plain = write(None);
+    assert_eq!(write(Some(16 << 10)), plain);
+    assert_eq!(write(Some(1)), plain);
+    assert_eq!(write(Some(0)), plain);
+}
+
+#[test]
 fn v2_written_is_read_by_v3() {
     let bytes = sample_snapshot(2);
     let mut snap = read_v3(&bytes).unwrap();

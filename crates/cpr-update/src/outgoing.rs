@@ -179,6 +179,21 @@ struct Stopped {
     stop: StopTime,
 }
 
+/// Room for the encoded state of a small VM; a larger one grows it (paying those faults).
+const STATE_BUFFER: usize = 64 << 10;
+/// Room for one section's payload (a vCPU's is ~8 KiB).
+const SECTION_BUFFER: usize = 16 << 10;
+
+/// A buffer of [`STATE_BUFFER`] bytes' capacity whose pages are resident.
+fn warm_buffer() -> Vec<u8> {
+    let mut v = Vec::with_capacity(STATE_BUFFER);
+    // Written, not just allocated: a fresh allocation maps its pages on first touch.
+    v.resize(STATE_BUFFER, 1u8);
+    std::hint::black_box(&mut v);
+    v.clear();
+    v
+}
+
 struct Ctx<'a> {
     schema: &'a Schema,
     me: &'a BuildInfo,
@@ -241,8 +256,12 @@ impl Ctx<'_> {
     }
 
     fn writer(&self, version: u16) -> Result<SnapshotWriter<'_, Vec<u8>>> {
+        self.writer_into(Vec::with_capacity(STATE_BUFFER), version)
+    }
+
+    fn writer_into(&self, out: Vec<u8>, version: u16) -> Result<SnapshotWriter<'_, Vec<u8>>> {
         Ok(SnapshotWriter::new(
-            Vec::with_capacity(64 << 10),
+            out,
             self.schema,
             &self.me.app,
             &self.me.version,
@@ -250,18 +269,27 @@ impl Ctx<'_> {
         )?)
     }
 
+    /// The writer the state is encoded with, made before the pause with its buffers' pages
+    /// touched: on the hosts measured a page's first touch costs a fault of several µs, and
+    /// encoding into fresh memory took a few dozen of them inside the blackout.
+    fn ready_writer(&self, version: u16) -> Result<SnapshotWriter<'_, Vec<u8>>> {
+        let mut w = self.writer_into(warm_buffer(), version)?;
+        w.prepare_payload(SECTION_BUFFER);
+        Ok(w)
+    }
+
     /// Encodes the state: memory sections (unless sent already), the VMM's sections, then
     /// this crate's; checks that it reads back.
     fn encode<V: Updatable + ?Sized>(
         &self,
         vmm: &mut V,
-        version: u16,
+        writer: SnapshotWriter<'_, Vec<u8>>,
         stopped: &Stopped,
         fds: Option<&mut FdRegistry>,
         with_memory: bool,
     ) -> Result<Vec<u8>> {
         let mut saver = Saver {
-            writer: self.writer(version)?,
+            writer,
             fds,
             mode: self.mode,
             ids: self.ids,
@@ -314,10 +342,11 @@ impl Ctx<'_> {
         // close_range) the exec pays for the teardown, as before. Declared before `reg`, so
         // dropped after it when the exec fails.
         let holder = if holds { MmHolder::start().ok() } else { None };
+        let writer = self.ready_writer(version).map_err(|e| untouched(vmm, e))?;
         let stopped = self.stop(vmm)?;
         let mut reg = FdRegistry::new();
         let error = (|| -> Result<Error> {
-            let bytes = self.encode(vmm, version, &stopped, Some(&mut reg), true)?;
+            let bytes = self.encode(vmm, writer, &stopped, Some(&mut reg), true)?;
             let state = cpr_fd::sealed_memfd("cpr-update-state", &bytes)?;
             reg.register(FD_STATE, FdKind::STATE, state, b"")?;
             // The running binary, whatever its path names by now: the way back.
@@ -409,6 +438,14 @@ impl Ctx<'_> {
             }
         };
 
+        let writer = match self.ready_writer(version) {
+            Ok(w) => w,
+            Err(e) => {
+                ch.abort(&e.to_string());
+                vmm.abandon();
+                return Err(untouched(vmm, e));
+            }
+        };
         let stopped = match self.stop(vmm) {
             Ok(s) => s,
             Err(f) => {
@@ -418,7 +455,7 @@ impl Ctx<'_> {
         };
         let handed = (|| -> Result<()> {
             let mut reg = FdRegistry::new();
-            let bytes = self.encode(vmm, version, &stopped, Some(&mut reg), false)?;
+            let bytes = self.encode(vmm, writer, &stopped, Some(&mut reg), false)?;
             ch.send_with_fds(&Message::State(bytes), &reg, t.write)?;
             vmm.progress(Progress::StateSent);
             ch.recv("RESTORED", t.restore)?;
@@ -490,9 +527,10 @@ impl Ctx<'_> {
             version,
             target: None,
         });
+        let writer = self.ready_writer(version).map_err(|e| untouched(vmm, e))?;
         let stopped = self.stop(vmm)?;
         let saved = (|| -> Result<usize> {
-            let bytes = self.encode(vmm, version, &stopped, None, true)?;
+            let bytes = self.encode(vmm, writer, &stopped, None, true)?;
             cpr_snapshot::save_in_dir(dir, name, |out| {
                 out.write_all(&bytes)
                     .map_err(|source| cpr_snapshot::Error::Io { offset: 0, source })?;

@@ -418,6 +418,29 @@ impl Message {
 
     /// The frame: header and payload.
     pub fn encode(&self) -> Vec<u8> {
+        let (head, payload) = self.encode_parts();
+        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+        frame.extend_from_slice(&head);
+        frame.extend_from_slice(&payload);
+        frame
+    }
+
+    /// The frame as its header and its payload, the payload borrowed where the message holds
+    /// it as it goes on the wire (`STATE`'s container), so that a sender can write both with
+    /// one `writev` and copy nothing.
+    pub(crate) fn encode_parts(&self) -> ([u8; HEADER_LEN], std::borrow::Cow<'_, [u8]>) {
+        use std::borrow::Cow;
+        let payload: Cow<'_, [u8]> = match self {
+            Message::State(c) => Cow::Borrowed(c),
+            _ => Cow::Owned(self.owned_payload()),
+        };
+        let mut head = [0u8; HEADER_LEN];
+        head[..2].copy_from_slice(&self.kind().code().to_le_bytes());
+        head[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        (head, payload)
+    }
+
+    fn owned_payload(&self) -> Vec<u8> {
         let mut p = Vec::new();
         match self {
             Message::Hello(h) => {
@@ -447,12 +470,7 @@ impl Message {
             }
             Message::Ready | Message::Restored | Message::Commit | Message::Started => {}
         }
-        let mut frame = Vec::with_capacity(HEADER_LEN + p.len());
-        frame.extend_from_slice(&self.kind().code().to_le_bytes());
-        frame.extend_from_slice(&0u16.to_le_bytes());
-        frame.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&p);
-        frame
+        p
     }
 
     /// Decodes a payload of type `kind`.
@@ -753,7 +771,8 @@ impl Channel {
         self.stream
             .set_write_timeout(Some(timeout))
             .map_err(ProtocolError::Io)?;
-        fds.send_after(&self.stream, &msg.encode())
+        let (head, payload) = msg.encode_parts();
+        fds.send_after(&self.stream, &[&head, &payload])
             .map_err(|e| match e {
                 // A peer that is gone or stuck is reported as for any frame.
                 cpr_fd::Error::Os { source, .. } if peer_trouble(source.kind()) => {
