@@ -433,7 +433,8 @@ impl Machine {
             )));
         }
         restore_vm(&self.vm, vm_state, policy, elapsed_ns)?;
-        self.spawn_at_gate()?;
+        // Only if the VMM did not start them before: then this is inside the blackout.
+        self.spawn_at_gate(false)?;
         let gate = &self.shared.gate;
         let mut s = gate.lock();
         s.done = vec![None; self.vcpu_count];
@@ -493,14 +494,18 @@ impl Machine {
     /// to run. A transfer does it before the pause, so neither thread creation nor the
     /// restore's hand-off costs a thread start inside the blackout. Does nothing if the
     /// threads exist.
-    pub fn spawn_at_gate(&mut self) -> Result<()> {
+    ///
+    /// `before_pause`: the threads start while no guest waits (a boot, a transfer's new side
+    /// before the pause), so they prefault what a restore and a capture touch now; otherwise
+    /// (a restart or reboot, inside the blackout) they do it once the guest runs.
+    pub fn spawn_at_gate(&mut self, before_pause: bool) -> Result<()> {
         for index in self.threads.len()..self.vcpus.len() {
             let vcpu = self.vcpus[index].clone();
             let shared = self.shared.clone();
             let events = self.events.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_thread(index, vcpu, shared, events))
+                .spawn(move || vcpu_thread(index, vcpu, shared, events, before_pause))
                 .map_err(|e| Error::Io(format!("spawn vCPU thread: {e}")))?;
             self.threads.push(t);
         }
@@ -519,7 +524,7 @@ impl Machine {
     /// Runs the vCPUs.
     pub fn start(&mut self) -> Result<()> {
         self.shared.first_entry_ns.store(u64::MAX, Ordering::SeqCst);
-        self.spawn_at_gate()?;
+        self.spawn_at_gate(true)?;
         self.open_gate(Resume::Run);
         Ok(())
     }
@@ -757,9 +762,17 @@ impl Machine {
 
 /// A vCPU thread: at the gate until it opens (restoring its vCPU's state if it gets there
 /// first), then the run loop, holding its vCPU for good.
-fn vcpu_thread(index: usize, vcpu: Arc<Mutex<Vcpu>>, shared: Arc<Shared>, events: Events) {
-    // What a restore here and a capture at the next pause touch, resident before either.
-    prefault_thread();
+fn vcpu_thread(
+    index: usize,
+    vcpu: Arc<Mutex<Vcpu>>,
+    shared: Arc<Shared>,
+    events: Events,
+    prefault: bool,
+) {
+    if prefault {
+        // What a restore here and a capture at the next pause touch, resident before either.
+        prefault_thread();
+    }
     loop {
         match shared.gate.wait(index) {
             AtGate::Restore(job) => {
@@ -940,6 +953,11 @@ fn vcpu_loop(
                 }
                 Resume::Exit => break,
             }
+        }
+        if entered {
+            // The guest runs: the thread's stack and arena for the next pause's capture
+            // (once; at once if the thread started before a pause).
+            prefault_thread();
         }
         if !entered {
             let before = shared

@@ -931,7 +931,7 @@ impl Updatable for Vmm {
             &mut |name| input.mark(name),
         )?;
         // vCPU threads wait at the gate: for a transfer this is before the pause.
-        machine.spawn_at_gate()?;
+        machine.spawn_at_gate(input.mode() == Mode::Transfer)?;
         input.mark("vm-created");
         self.guest = cfg.guest;
         self.arrived.serial = cfg.serial;

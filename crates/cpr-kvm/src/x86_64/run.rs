@@ -66,8 +66,16 @@ pub const PREFAULT_HEAP: usize = 32 << 10;
 /// Capturing a vCPU copies its XSAVE area, LAPIC page and MSRs through the stack and into
 /// new allocations. On the hosts measured each first touch of a page cost a fault of
 /// several µs, about seven per vCPU thread inside the blackout. Call it on a vCPU thread
-/// before its first run. It costs those faults there, and it needs that much stack.
+/// where the time is not a guest's: before a pause (a transfer's new side at its gate), or
+/// once the guest runs again. It costs those faults there, and it needs that much stack.
+/// Later calls on the same thread do nothing.
 pub fn prefault_thread() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if DONE.with(|d| d.replace(true)) {
+        return;
+    }
     #[inline(never)]
     fn touch_stack() {
         let mut area = [0u8; PREFAULT_STACK];
@@ -304,7 +312,13 @@ mod tests {
             let a = thread_faults();
             prefault_thread();
             let b = thread_faults();
+            // Once per thread: the second call does nothing, and what the first touched is
+            // resident when used again.
             prefault_thread();
+            let mut area = [0u8; PREFAULT_STACK / 2];
+            std::hint::black_box(&mut area);
+            let heap = vec![1u8; PREFAULT_HEAP / 2];
+            std::hint::black_box(&heap);
             let c = thread_faults();
             // A fresh thread's stack and arena fault in on the first call (with 4 KiB pages:
             // transparent huge pages set to `always` may have mapped them already)...
