@@ -245,9 +245,8 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
         Err(e) => {
             vmm.discard();
             drop(fds);
-            if let Some(m) = old_mm {
-                m.release();
-            }
+            // Before going back: the previous image finds no child of this one.
+            drop(old_mm);
             let (Some(backup), Some(previous)) = (backup, previous) else {
                 return Err(e);
             };
@@ -264,8 +263,10 @@ pub fn resume_after_exec<V: Updatable + ?Sized>(
 /// The write end of the pipe that keeps the previous image's address space alive (see
 /// [`FD_OLD_MM`]), and the holder's pid from its metadata (none if the metadata is not a
 /// positive pid: the fd is still closed, and only a child of this process is ever reaped).
+/// Dropped on any path, it closes the pipe and waits for the holder, so no zombie is left.
+#[derive(Debug)]
 struct OldMm {
-    keep: OwnedFd,
+    keep: Option<OwnedFd>,
     pid: Option<i32>,
 }
 
@@ -276,31 +277,31 @@ impl OldMm {
             .map(i32::from_le_bytes)
             .filter(|p| *p > 0);
         OldMm {
-            keep: e.into_fd(),
+            keep: Some(e.into_fd()),
             pid,
         }
     }
 
     /// Closes the pipe, so the holder exits and the kernel frees the old address space,
-    /// and waits for it.
-    fn release(self) {
-        drop(self.keep);
-        if let Some(pid) = self.pid {
-            crate::sys::reap(pid);
-        }
-    }
-
-    /// [`release`](Self::release) on a thread of its own: the guest runs meanwhile.
-    fn release_in_background(self) {
-        let pid = self.pid;
-        drop(self.keep);
-        if let Some(pid) = pid {
+    /// and waits for it on a thread of its own: the guest runs meanwhile.
+    fn release_in_background(mut self) {
+        self.keep = None;
+        if let Some(pid) = self.pid.take() {
             let spawned = std::thread::Builder::new()
                 .name("cpr-old-mm".into())
                 .spawn(move || crate::sys::reap(pid));
             if spawned.is_err() {
                 crate::sys::reap(pid);
             }
+        }
+    }
+}
+
+impl Drop for OldMm {
+    fn drop(&mut self) {
+        self.keep = None;
+        if let Some(pid) = self.pid.take() {
+            crate::sys::reap(pid);
         }
     }
 }
@@ -550,4 +551,48 @@ pub fn read_state<R: Read>(r: R, limit: u64) -> Result<Vec<u8>> {
         }));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn old_mm(fd: impl Into<OwnedFd>, metadata: &[u8]) -> OldMm {
+        let mut reg = FdRegistry::new();
+        reg.register(FD_OLD_MM, FdKind::OTHER, fd, metadata)
+            .unwrap();
+        OldMm::from_entry(reg.take(FD_OLD_MM).unwrap())
+    }
+
+    #[test]
+    fn a_holder_pipe_with_a_bad_pid_is_closed_and_nothing_is_reaped() {
+        let zero = 0i32.to_le_bytes();
+        let negative = (-5i32).to_le_bytes();
+        for meta in [&b""[..], b"abc", &zero, &negative, &[1, 2, 3, 4, 5]] {
+            let (mut ours, theirs) = UnixStream::pair().unwrap();
+            let m = old_mm(theirs, meta);
+            assert_eq!(m.pid, None, "{meta:?}");
+            drop(m);
+            let mut b = [0u8; 1];
+            assert_eq!(ours.read(&mut b).unwrap(), 0, "closed");
+        }
+    }
+
+    #[test]
+    fn a_holder_is_reaped_once_its_pipe_is_closed() {
+        // A child that, like the holder, exits when its pipe ends.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "read x"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let m = old_mm(child.stdin.take().unwrap(), &pid.to_le_bytes());
+        assert_eq!(m.pid, Some(pid));
+        drop(m);
+        // Reaped already: waiting for it again finds no such child.
+        let e = child.try_wait().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECHILD), "{e}");
+    }
 }
