@@ -33,7 +33,9 @@ pub const FD_PREVIOUS_EXE: &str = "cpr.previous-exe";
 pub const FD_OLD_MM: &str = "cpr.old-mm";
 /// The feature a build announces (every build of this crate does, through
 /// [`BuildInfo::new`](crate::BuildInfo::new)) when its restart path releases
-/// [`FD_OLD_MM`]; an older build would leave the holder for its exit.
+/// [`FD_OLD_MM`]; an older build would leave the holder for its exit. A VMM whose seccomp
+/// filter kills on `clone(CLONE_VM)` removes it from its `BuildInfo`, and its restarts then
+/// start no holder (docs/DESIGN.md lists the system calls).
 pub const FEATURE_OLD_MM: &str = "cpr.old-mm";
 
 const MAGIC: &[u8; 8] = b"CPRUHO01";
