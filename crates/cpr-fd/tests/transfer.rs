@@ -144,12 +144,7 @@ fn a_prefix_goes_before_the_registry_and_the_fds_still_arrive() {
             let mut p = [0u8; 3];
             b.read_exact(&mut p).unwrap();
             assert_eq!(&p, b"xyz");
-            let mut head = [0u8; 16];
-            b.read_exact(&mut head).unwrap();
-            let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
-            let mut manifest = vec![0u8; len];
-            b.read_exact(&mut manifest).unwrap();
-            [head.to_vec(), manifest].concat()
+            read_header_and_manifest(&mut b)
         },
         "the prefix changes nothing after it"
     );
@@ -160,6 +155,11 @@ fn header_and_manifest(reg: &FdRegistry) -> Vec<u8> {
     let (a, mut b) = UnixStream::pair().unwrap();
     reg.send(&a).unwrap();
     drop(a);
+    read_header_and_manifest(&mut b)
+}
+
+/// Reads a registry's header and manifest from `b`.
+fn read_header_and_manifest(b: &mut UnixStream) -> Vec<u8> {
     let mut head = [0u8; 16];
     b.read_exact(&mut head).unwrap();
     let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;

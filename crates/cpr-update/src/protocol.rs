@@ -667,19 +667,25 @@ impl Channel {
         }
     }
 
-    /// Sends `msg`, if the protocol allows it now. `timeout` bounds a peer that does not read.
-    pub fn send(&mut self, msg: &Message, timeout: Duration) -> Result<(), ProtocolError> {
+    /// Checks that the protocol allows sending `kind` now (nothing is written otherwise),
+    /// and bounds the writes that follow by `timeout`.
+    fn may_send(&self, kind: Kind, timeout: Duration) -> Result<(), ProtocolError> {
         self.session
-            .next(true, msg.kind())
+            .next(true, kind)
             .ok_or(ProtocolError::Unexpected {
-                message: msg.kind(),
+                message: kind,
                 direction: "sent",
                 state: self.session.state(),
                 role: self.session.role(),
             })?;
         self.stream
             .set_write_timeout(Some(timeout))
-            .map_err(ProtocolError::Io)?;
+            .map_err(ProtocolError::Io)
+    }
+
+    /// Sends `msg`, if the protocol allows it now. `timeout` bounds a peer that does not read.
+    pub fn send(&mut self, msg: &Message, timeout: Duration) -> Result<(), ProtocolError> {
+        self.may_send(msg.kind(), timeout)?;
         (&self.stream)
             .write_all(&msg.encode())
             .map_err(|e| self.io_error(e, "a write", timeout))?;
@@ -760,17 +766,7 @@ impl Channel {
         fds: &FdRegistry,
         timeout: Duration,
     ) -> Result<(), ProtocolError> {
-        self.session
-            .next(true, msg.kind())
-            .ok_or(ProtocolError::Unexpected {
-                message: msg.kind(),
-                direction: "sent",
-                state: self.session.state(),
-                role: self.session.role(),
-            })?;
-        self.stream
-            .set_write_timeout(Some(timeout))
-            .map_err(ProtocolError::Io)?;
+        self.may_send(msg.kind(), timeout)?;
         let (head, payload) = msg.encode_parts();
         fds.send_after(&self.stream, &[&head, &payload])
             .map_err(|e| match e {
@@ -887,15 +883,7 @@ mod tests {
                 pid: 77,
                 build: build(),
             }),
-            Message::Memory(Memory {
-                state_version: 3,
-                ids: Ids {
-                    vm: [1; 16],
-                    state: [2; 16],
-                    generation: 5,
-                },
-                container: b"CPR-SNAP...".to_vec(),
-            }),
+            memory_of(b"CPR-SNAP...".to_vec()),
             Message::Ready,
             Message::State(vec![9; 100]),
             Message::Restored,
@@ -1129,19 +1117,24 @@ mod tests {
         reg
     }
 
-    #[test]
-    fn a_frame_and_its_fds_in_one_write_read_as_two() {
-        let (mut old, mut new) = greeted();
-        let t = Duration::from_secs(30);
-        let memory = Message::Memory(Memory {
+    /// A `MEMORY` message carrying `container`.
+    fn memory_of(container: Vec<u8>) -> Message {
+        Message::Memory(Memory {
             state_version: 3,
             ids: Ids {
                 vm: [1; 16],
                 state: [2; 16],
                 generation: 5,
             },
-            container: vec![0x5a; 20_000],
-        });
+            container,
+        })
+    }
+
+    #[test]
+    fn a_frame_and_its_fds_in_one_write_read_as_two() {
+        let (mut old, mut new) = greeted();
+        let t = Duration::from_secs(30);
+        let memory = memory_of(vec![0x5a; 20_000]);
         let reg = registry(&["mem.0", "mem.1"]);
         old.send_with_fds(&memory, &reg, t).unwrap();
         assert_eq!(old.session().state(), State::Preparing);
@@ -1181,15 +1174,7 @@ mod tests {
     fn a_peer_gone_before_the_state_is_reported_as_gone() {
         let (mut old, new) = greeted();
         drop(new);
-        let memory = Message::Memory(Memory {
-            state_version: 3,
-            ids: Ids {
-                vm: [1; 16],
-                state: [2; 16],
-                generation: 5,
-            },
-            container: vec![0; 64],
-        });
+        let memory = memory_of(vec![0; 64]);
         let e = old
             .send_with_fds(&memory, &registry(&["mem.0"]), Duration::from_secs(30))
             .unwrap_err();
