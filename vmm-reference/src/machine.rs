@@ -931,6 +931,7 @@ fn vcpu_loop(
 ) {
     arm_kick(vcpu);
     let mut entered = false;
+    let mut warmed = false;
     let mut last_exit_ns = monotonic_ns();
     loop {
         if shared.pause.pause_requested() {
@@ -954,10 +955,11 @@ fn vcpu_loop(
                 Resume::Exit => break,
             }
         }
-        if entered {
+        if entered && !warmed {
             // The guest runs: the thread's stack and arena for the next pause's capture
-            // (once; at once if the thread started before a pause).
+            // (a no-op if the thread prefaulted when it started, before a pause).
             prefault_thread();
+            warmed = true;
         }
         if !entered {
             let before = shared
