@@ -1159,8 +1159,9 @@ mod loop_tests {
     /// a second monitor built from it replays them in order before reading the socket.
     #[test]
     fn every_state_this_build_writes_carries_the_monitor_output() {
-        // An update's `STOP` is queued in the pause and reaches the client through the
-        // carried output: a state version without it (monitor 1) would lose the event.
+        // Output pending at a restart or transfer reaches its client only through the
+        // carried output (the old image no longer flushes it before the exec): a state
+        // version without it (monitor 1) would lose it.
         let schema = crate::update::schema();
         for v in schema.versions() {
             assert!(

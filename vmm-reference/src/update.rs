@@ -668,12 +668,7 @@ impl Pausable for Vmm {
         let ns = self.machine.as_ref().ok_or("no VM")?.pause(PAUSE_TIMEOUT)?;
         self.state = RunState::Paused;
         self.paused_at_ns = ns;
-        // Written after the pause, not in it (a write that also wakes the client, which then
-        // competes for the CPUs): by the next image, which gets it with the monitor's carried
-        // output and writes it before its `RESUME`; by this process when it resumes the guest
-        // after a failure (`STOP` then `RESUME`), exits after a reboot's save, or keeps the
-        // monitor after a `migrate`.
-        self.queue_stop_event(ns);
+        self.stop_event(ns);
         Ok(ns)
     }
 
@@ -828,7 +823,7 @@ impl Updatable for Vmm {
             .filter(|_| !self.migration.keep_monitor)
         {
             // Every state version this build writes has `monitor` 2, which carries the
-            // pending output, the update's `STOP` among it (a test holds the schema to it).
+            // pending output (a test holds the schema to it).
             mon.register_fds(&mut collect)?;
             out.write(0, &mon.carry())?;
         }
@@ -1104,10 +1099,10 @@ impl Updatable for Vmm {
                 self.event("CPR", Some(json!({"mode": mode.as_str(), "status": "started", "state-version": version})));
             }
             Progress::Executing { program } => {
+                // No flush of the monitor here: its pending output went into the state, and
+                // the next image writes it. Writing it now as well would send it twice, and
+                // a client that does not read held the exec (the guest paused) 100 ms.
                 log::info!("cpr restart: exec {}", program.display());
-                if let Some(m) = &mut self.monitor {
-                    m.flush_for(Duration::from_millis(100));
-                }
             }
             Progress::Failed { error, guest } => {
                 log::error!("cpr update failed: {error} ({guest:?})");

@@ -472,21 +472,12 @@ impl Vmm {
         }
     }
 
-    /// `STOP`, stamped when the last vCPU left the guest, and written at once.
+    /// `STOP`, stamped when the last vCPU left the guest.
     pub(crate) fn stop_event(&mut self, stop_mono_ns: u64) {
-        self.queue_stop_event(stop_mono_ns);
-        if let Some(m) = &mut self.monitor {
-            m.flush_for(Duration::ZERO);
-        }
-    }
-
-    /// `STOP`, stamped when the last vCPU left the guest, queued but not yet written: an
-    /// update's pause writes it later, off the blackout. The stamp, not the moment it is
-    /// written, tells a client when the guest stopped.
-    pub(crate) fn queue_stop_event(&mut self, stop_mono_ns: u64) {
         let at = cpr_update::StopTime::at(stop_mono_ns).realtime_ns;
         if let Some(m) = &mut self.monitor {
             m.event_at("STOP", None, at);
+            m.flush_for(Duration::ZERO);
         }
     }
 
