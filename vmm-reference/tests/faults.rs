@@ -20,6 +20,7 @@ use vmm_reference::demo::{
 use vmm_reference::qmp_client::ClientError;
 
 const FAULT: &str = "CPR_UPDATE_FAULT";
+const WITHOUT_FEATURES: &str = "CPR_UPDATE_TEST_WITHOUT_FEATURES";
 
 /// Where the guest ended up.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,10 +38,26 @@ fn killed(child: &mut Child) -> bool {
 
 /// A transfer with faults on the old side (`old_env`) and the new side (`new_env`); returns
 /// where the guest runs, checked against the guest itself.
-fn transfer_with(tag: &str, old_fault: Option<&str>, new_fault: Option<&str>) -> Option<Owner> {
-    let old_env: Vec<(&str, &str)> = old_fault.map(|f| (FAULT, f)).into_iter().collect();
+/// `legacy`: both builds run as ones from before the owner word (`RESTORED` and `COMMIT`
+/// decide the owner).
+fn transfer_with(
+    tag: &str,
+    old_fault: Option<&str>,
+    new_fault: Option<&str>,
+    legacy: bool,
+) -> Option<Owner> {
+    let legacy_env = legacy.then_some((WITHOUT_FEATURES, "cpr.owner-word"));
+    let old_env: Vec<(&str, &str)> = old_fault
+        .map(|f| (FAULT, f))
+        .into_iter()
+        .chain(legacy_env)
+        .collect();
     let (dir, _, mut vm, before) = boot_with(tag, |_| "memfd".into(), 1, 1, &old_env)?;
-    let new_env: Vec<(&str, &str)> = new_fault.map(|f| (FAULT, f)).into_iter().collect();
+    let new_env: Vec<(&str, &str)> = new_fault
+        .map(|f| (FAULT, f))
+        .into_iter()
+        .chain(legacy_env)
+        .collect();
     let mut new = spawn_transfer_target_with(
         &exe(),
         &dir.p("xfer.sock"),
@@ -111,57 +128,97 @@ fn transfer_with(tag: &str, old_fault: Option<&str>, new_fault: Option<&str>) ->
     Some(owner)
 }
 
-#[test]
-fn transfer_failures_before_the_commit_leave_the_guest_in_the_old_process() {
-    for (old, new) in [
-        (Some("transfer.old.before-ready:fail"), None),
-        (None, Some("transfer.new.before-ready:fail")),
-        (None, Some("transfer.new.before-ready:kill")),
-        (None, Some("transfer.new.restore:fail")),
-        (None, Some("transfer.new.restore:kill")),
-        (Some("transfer.old.before-commit:fail"), None),
-        (None, Some("transfer.new.before-commit:fail")),
-        (None, Some("transfer.new.before-commit:kill")),
-        // Killed with the COMMIT read but before it marked the memory as its own: the old
-        // process sees the mark untouched and the new one dead, and takes the guest back.
-        (None, Some("transfer.new.commit-received:kill")),
-    ] {
-        let tag = format!("xf-{}", old.or(new).unwrap().replace([':', '.'], "-"));
-        let Some(owner) = transfer_with(&tag, old, new) else {
+/// Runs each case and checks where the guest ended up.
+fn transfer_cases(cases: &[(Option<&str>, Option<&str>)], legacy: bool, expect: Owner) {
+    for &(old, new) in cases {
+        let point = old.or(new).unwrap().replace([':', '.'], "-");
+        let tag = format!("xf{}-{point}", if legacy { "l" } else { "" });
+        let Some(owner) = transfer_with(&tag, old, new, legacy) else {
             return;
         };
-        assert_eq!(owner, Owner::Old, "old fault {old:?}, new fault {new:?}");
+        assert_eq!(
+            owner, expect,
+            "old fault {old:?}, new fault {new:?}, legacy {legacy}"
+        );
     }
 }
 
 #[test]
-fn an_old_process_killed_at_the_commit_leaves_the_guest_to_the_new_one() {
+fn transfer_failures_before_the_claim_leave_the_guest_in_the_old_process() {
+    transfer_cases(
+        &[
+            (Some("transfer.old.before-ready:fail"), None),
+            (None, Some("transfer.new.before-ready:fail")),
+            (None, Some("transfer.new.before-ready:kill")),
+            (None, Some("transfer.new.restore:fail")),
+            (None, Some("transfer.new.restore:kill")),
+            (Some("transfer.old.before-state:fail"), None),
+            (None, Some("transfer.new.before-claim:fail")),
+            (None, Some("transfer.new.before-claim:kill")),
+            // Killed with the word claimed but before it marked the memory as its own: the
+            // old process sees the mark untouched and the new one dead, and takes the
+            // guest back.
+            (None, Some("transfer.new.claimed:kill")),
+        ],
+        false,
+        Owner::Old,
+    );
+}
+
+#[test]
+fn an_old_process_killed_once_the_state_is_sent_leaves_the_guest_to_the_new_one() {
+    // The new side needs no word from it: it claims the owner word and runs the guest.
+    transfer_cases(
+        &[(Some("transfer.old.after-state:kill"), None)],
+        false,
+        Owner::New,
+    );
+}
+
+/// Builds from before the owner word: the same guarantees with `RESTORED` and `COMMIT`.
+#[test]
+fn legacy_transfer_failures_before_the_commit_leave_the_guest_in_the_old_process() {
+    transfer_cases(
+        &[
+            (Some("transfer.old.before-ready:fail"), None),
+            (None, Some("transfer.new.restore:kill")),
+            (Some("transfer.old.before-commit:fail"), None),
+            (None, Some("transfer.new.before-commit:fail")),
+            (None, Some("transfer.new.before-commit:kill")),
+            // Killed with the COMMIT read but before it marked the memory as its own.
+            (None, Some("transfer.new.commit-received:kill")),
+        ],
+        true,
+        Owner::Old,
+    );
+}
+
+#[test]
+fn a_legacy_old_process_killed_at_the_commit_leaves_the_guest_to_the_new_one() {
     // Killed before sending COMMIT: the new process sees it die without aborting, after
     // the pause, and takes the guest over. Killed after: the new one has the COMMIT.
-    for old in [
-        "transfer.old.before-commit:kill",
-        "transfer.old.after-commit:kill",
-    ] {
-        let tag = format!("xf-{}", old.replace([':', '.'], "-"));
-        let Some(owner) = transfer_with(&tag, Some(old), None) else {
-            return;
-        };
-        assert_eq!(owner, Owner::New, "{old}");
-    }
+    transfer_cases(
+        &[
+            (Some("transfer.old.before-commit:kill"), None),
+            (Some("transfer.old.after-commit:kill"), None),
+        ],
+        true,
+        Owner::New,
+    );
 }
 
-/// The documented uncatchable case: the new process killed once it took the commit. The old
-/// one has let go (it sees the new one's mark on the memory), so no process runs the guest.
+/// The documented uncatchable case: the new process killed once it owns the guest (after
+/// its commit hook). The old one has let go (it sees the new one's mark on the memory), so
+/// no process runs the guest. With and without the owner word.
 #[test]
 fn a_new_process_killed_after_the_commit_loses_the_guest_as_documented() {
-    let Some(owner) = transfer_with(
-        "xf-after-commit",
-        None,
-        Some("transfer.new.after-commit:kill"),
-    ) else {
-        return;
-    };
-    assert_eq!(owner, Owner::Nobody);
+    for legacy in [false, true] {
+        transfer_cases(
+            &[(None, Some("transfer.new.after-commit:kill"))],
+            legacy,
+            Owner::Nobody,
+        );
+    }
 }
 
 fn restart_with(tag: &str, fault: &str) -> Option<(Dir, Vm, Status, Result<Value, ClientError>)> {

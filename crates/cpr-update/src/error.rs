@@ -195,6 +195,14 @@ pub enum Error {
         /// Why it could not be taken over.
         reason: String,
     },
+    /// The owner word the old process sent with `MEMORY` is missing or unusable
+    /// ([`owner`](crate::owner)).
+    #[error("the transfer's owner word is unusable: {0}")]
+    OwnerWord(String),
+    /// New side of a transfer: the old process took the guest back (it reclaimed the owner
+    /// word) before this one could claim it. The guest runs in the old process.
+    #[error("the old process took the guest back before this one could claim it")]
+    Reclaimed,
     /// A fault injected by a test (only with the `fault-injection` feature).
     #[error("injected fault at {0}")]
     Fault(&'static str),

@@ -15,17 +15,38 @@
 //! | `restart.new.restore` | the new image restores the state (a failure makes it exec back) |
 //! | `transfer.old.before-ready` | `MEMORY` sent, `READY` awaited |
 //! | `transfer.new.before-ready` | the VM is built, `READY` is next |
-//! | `transfer.new.restore` | the new side restores the state, `RESTORED` is next |
-//! | `transfer.old.before-commit` | `RESTORED` received, `COMMIT` is next |
-//! | `transfer.new.before-commit` | `RESTORED` sent, `COMMIT` awaited |
-//! | `transfer.old.after-commit` | `COMMIT` sent |
-//! | `transfer.new.commit-received` | `COMMIT` received, the guest not yet marked as this process's ([`Updatable::commit`](crate::Updatable::commit)) |
+//! | `transfer.new.restore` | the new side restores the state; the claim (or `RESTORED`) is next |
+//! | `transfer.old.before-state` | owner word: the guest is paused, `STATE` is next |
+//! | `transfer.old.after-state` | owner word: `STATE` sent, `STARTED` awaited (a `fail` here reclaims the word, which the new side may have claimed already) |
+//! | `transfer.new.before-claim` | owner word: everything restored, the claim is next |
+//! | `transfer.new.claimed` | owner word: claimed, the guest not yet marked as this process's ([`Updatable::commit`](crate::Updatable::commit)) |
+//! | `transfer.old.before-commit` | without the word: `RESTORED` received, `COMMIT` is next |
+//! | `transfer.new.before-commit` | without the word: `RESTORED` sent, `COMMIT` awaited |
+//! | `transfer.old.after-commit` | without the word: `COMMIT` sent |
+//! | `transfer.new.commit-received` | without the word: `COMMIT` received, the guest not yet marked as this process's |
 //! | `transfer.new.after-commit` | the commit hook ran (the guest is this process's), the vCPUs are not running yet |
 //! | `reboot.old.before-rename` | the state file is written under its temporary name |
 //! | `reboot.new.restore` | the new process restores the state file |
 
 /// The variable that selects a fault (`POINT:fail` or `POINT:kill`).
 pub const FAULT_ENV: &str = "CPR_UPDATE_FAULT";
+
+/// With the `fault-injection` feature, a comma-separated list of features that
+/// [`BuildInfo::new`](crate::BuildInfo::new) leaves out, so that a test can run a build as
+/// an older one that lacks them (`cpr.owner-word`: the transfer's `RESTORED`/`COMMIT`
+/// messages instead of the owner word). Unlike a fault it stays set for later images.
+pub const WITHOUT_FEATURES_ENV: &str = "CPR_UPDATE_TEST_WITHOUT_FEATURES";
+
+/// Removes the features [`WITHOUT_FEATURES_ENV`] names.
+pub(crate) fn drop_features(features: &mut Vec<String>) {
+    if !cfg!(feature = "fault-injection") {
+        return;
+    }
+    if let Some(v) = std::env::var_os(WITHOUT_FEATURES_ENV) {
+        let v = v.to_string_lossy();
+        features.retain(|f| !v.split(',').any(|w| w == f));
+    }
+}
 
 /// Reaches `point`: a no-op unless a test asked for a fault there.
 #[cfg(feature = "fault-injection")]

@@ -19,6 +19,7 @@ use crate::clock::{monotonic_ns, Elapsed};
 use crate::error::{hook, io, Error, Result, Step};
 use crate::handover::{Record, FD_HANDOVER, FD_OLD_MM, FD_PREVIOUS_EXE, FD_STATE};
 use crate::outgoing::{check_hello, Timeouts};
+use crate::owner::{OwnerWord, FD_OWNER_WORD, FEATURE_OWNER_WORD};
 use crate::protocol::{Channel, Hello, Message, ProtocolError, Role, PROTOCOL_VERSION};
 use crate::section::{Ids, UpdateInfo, UpdateSection};
 use crate::{fault, Mode};
@@ -399,7 +400,7 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
     marks.at("start", opts.started_ns);
 
     // Before the pause: the guest runs in the old process whatever happens here.
-    let prepared = (|| -> Result<(Ids, u16)> {
+    let prepared = (|| -> Result<(Ids, u16, Option<OwnerWord>)> {
         let Message::Hello(peer) = ch.recv("HELLO", t.hello)? else {
             unreachable!("the session admits only HELLO here")
         };
@@ -418,6 +419,17 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
         };
         let mut mem_fds = ch.recv_fds(t.write)?;
         marks.mark("memory-received");
+        // Both builds decide the owner with the word: the old side sent it with the memory.
+        let word =
+            if me.has_feature(FEATURE_OWNER_WORD) && peer.build.has_feature(FEATURE_OWNER_WORD) {
+                let entry = mem_fds
+                    .take(FD_OWNER_WORD)
+                    .ok_or_else(|| Error::OwnerWord("MEMORY came without it".into()))?;
+                ch.use_owner_word();
+                Some(OwnerWord::open(entry.into_fd()).map_err(Error::OwnerWord)?)
+            } else {
+                None
+            };
         if !me.reads.contains(&memory.state_version) {
             return Err(Error::InvalidVersion {
                 requested: memory.state_version,
@@ -444,9 +456,9 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
         vmm.progress(Progress::Prepared);
         fault::hit("transfer.new.before-ready")?;
         ch.send(&Message::Ready, t.write)?;
-        Ok((memory.ids, memory.state_version))
+        Ok((memory.ids, memory.state_version, word))
     })();
-    let (ids, version) = match prepared {
+    let (ids, version, word) = match prepared {
         Ok(v) => v,
         Err(e) => return Err(give_up(vmm, &mut ch, e)),
     };
@@ -481,6 +493,9 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
         Err(e) => return Err(give_up(vmm, &mut ch, e)),
     };
 
+    if let Some(word) = word {
+        return run_by_word(vmm, ch, &word, loaded, marks, opts);
+    }
     let committed = ch
         .send(&Message::Restored, t.write)
         .map_err(Error::from)
@@ -525,6 +540,45 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
         source: loaded.header,
         fallback: None,
         took_over,
+        unused_fds: Vec::new(),
+    })
+}
+
+/// The end of a transfer whose owner the word decides: claim it, and if that succeeded run
+/// the guest at once, then tell the old side (`STARTED`). If the old side reclaimed it first
+/// (it gave up waiting, or failed), the guest is the old process's: drop what was built.
+fn run_by_word<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    mut ch: Channel,
+    word: &OwnerWord,
+    loaded: Loaded,
+    mut marks: Marks,
+    opts: &Incoming,
+) -> Result<Resumed> {
+    let t = &opts.timeouts;
+    if let Err(e) = fault::hit("transfer.new.before-claim") {
+        return Err(give_up(vmm, &mut ch, e));
+    }
+    if word.claim().is_err() {
+        return Err(give_up(vmm, &mut ch, Error::Reclaimed));
+    }
+    marks.mark("claimed");
+    vmm.progress(Progress::Committed);
+    let _ = fault::hit("transfer.new.claimed");
+    let report = run(
+        vmm,
+        &loaded,
+        &mut marks,
+        opts,
+        Some("transfer.new.after-commit"),
+    )?;
+    let _ = ch.send(&Message::Started, t.write);
+    Ok(Resumed {
+        report,
+        ids: loaded.info.ids,
+        source: loaded.header,
+        fallback: None,
+        took_over: false,
         unused_fds: Vec::new(),
     })
 }

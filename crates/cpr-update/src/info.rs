@@ -44,13 +44,19 @@ pub struct BuildInfo {
 impl BuildInfo {
     /// A build that reads and writes every state version of `schema`.
     pub fn new(app: &str, version: &str, schema: &Schema) -> Self {
+        // This crate's restart path releases the old address space's holder, and its
+        // transfers decide the owner with the owner word.
+        let mut features = vec![
+            crate::handover::FEATURE_OLD_MM.to_string(),
+            crate::owner::FEATURE_OWNER_WORD.to_string(),
+        ];
+        crate::fault::drop_features(&mut features);
         BuildInfo {
             app: app.to_string(),
             version: version.to_string(),
             reads: schema.versions(),
             writes: schema.versions(),
-            // This crate's restart path releases the old address space's holder.
-            features: vec![crate::handover::FEATURE_OLD_MM.to_string()],
+            features,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod handover;
 mod incoming;
 mod info;
 mod outgoing;
+pub mod owner;
 pub mod protocol;
 mod section;
 mod sys;

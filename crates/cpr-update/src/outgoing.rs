@@ -20,6 +20,7 @@ use crate::clock::{monotonic_ns, StopTime};
 use crate::error::{hook, io, Error, Result, Step};
 use crate::handover::{Record, FD_HANDOVER, FD_OLD_MM, FD_PREVIOUS_EXE, FD_STATE, FEATURE_OLD_MM};
 use crate::info::{probe, BuildInfo};
+use crate::owner::{OwnerWord, FD_OWNER_WORD, FEATURE_OWNER_WORD};
 use crate::protocol::{Channel, Hello, Memory, Message, ProtocolError, Role, PROTOCOL_VERSION};
 use crate::section::{Ids, UpdateSection};
 use crate::sys::MmHolder;
@@ -389,7 +390,7 @@ impl Ctx<'_> {
             .ok();
         let mut ch = Channel::new(stream, Role::Old, self.schema.limits().max_total);
         // Before the pause: a failure leaves the guest running here.
-        let before = (|| -> Result<u16> {
+        let before = (|| -> Result<(u16, Option<OwnerWord>)> {
             let hello = Hello {
                 protocol: PROTOCOL_VERSION,
                 role: Role::Old,
@@ -417,6 +418,18 @@ impl Ctx<'_> {
             vmm.save_memory(&mut saver)
                 .map_err(hook(Step::SaveMemory))?;
             let container = saver.writer.finish()?;
+            // Both builds decide the owner with the word: it goes with the memory.
+            let word = if self.me.has_feature(FEATURE_OWNER_WORD)
+                && peer.build.has_feature(FEATURE_OWNER_WORD)
+            {
+                let w = OwnerWord::create().map_err(io("create the owner word"))?;
+                let fd = w.fd().map_err(io("dup the owner word"))?;
+                mem.register(FD_OWNER_WORD, FdKind::OTHER, fd, b"")?;
+                ch.use_owner_word();
+                Some(w)
+            } else {
+                None
+            };
             let memory = Memory {
                 state_version: version,
                 ids: self.ids,
@@ -427,9 +440,9 @@ impl Ctx<'_> {
             fault::hit("transfer.old.before-ready")?;
             ch.recv("READY", t.prepare)?;
             vmm.progress(Progress::PeerReady);
-            Ok(version)
+            Ok((version, word))
         })();
-        let version = match before {
+        let (version, word) = match before {
             Ok(v) => v,
             Err(e) => {
                 ch.abort(&e.to_string());
@@ -453,6 +466,9 @@ impl Ctx<'_> {
                 return Err(f);
             }
         };
+        if let Some(word) = word {
+            return self.hand_over_by_word(vmm, ch, writer, stopped, &word, peer);
+        }
         let handed = (|| -> Result<()> {
             let mut reg = FdRegistry::new();
             let bytes = self.encode(vmm, writer, &stopped, Some(&mut reg), false)?;
@@ -499,6 +515,69 @@ impl Ctx<'_> {
             }
             // Otherwise the guest is the new process's, whatever happens to it now.
             Err(_) => Ok(Outcome::Transferred { started: false }),
+        }
+    }
+
+    /// The rest of a transfer whose owner the word decides: `STATE` out, then `STARTED`
+    /// awaited. No message of ours is needed for the new side to run the guest: it claims
+    /// the word. On any failure this side reclaims the word first, and resumes the guest
+    /// only if that succeeded (or if the new side claimed it and then died without running
+    /// it, which `peer_took_over` tells).
+    fn hand_over_by_word<V: Updatable + ?Sized>(
+        &self,
+        vmm: &mut V,
+        mut ch: Channel,
+        writer: SnapshotWriter<'_, Vec<u8>>,
+        stopped: Stopped,
+        word: &OwnerWord,
+        peer: Option<std::os::fd::OwnedFd>,
+    ) -> std::result::Result<Outcome, Failure> {
+        let t = self.timeouts;
+        let handed = (|| -> Result<()> {
+            fault::hit("transfer.old.before-state")?;
+            let mut reg = FdRegistry::new();
+            let bytes = self.encode(vmm, writer, &stopped, Some(&mut reg), false)?;
+            ch.send_with_fds(&Message::State(bytes), &reg, t.write)?;
+            vmm.progress(Progress::StateSent);
+            fault::hit("transfer.old.after-state")?;
+            ch.recv("STARTED", t.restore.saturating_add(t.started))?;
+            Ok(())
+        })();
+        let e = match handed {
+            Ok(()) => {
+                vmm.progress(Progress::PeerRestored);
+                vmm.progress(Progress::Committed);
+                vmm.progress(Progress::PeerStarted);
+                return Ok(Outcome::Transferred { started: true });
+            }
+            Err(e) => e,
+        };
+        if word.reclaim().is_ok() {
+            // The new side can no longer claim it. ABORT tells it why before the guest
+            // resumes here.
+            ch.abort(&e.to_string());
+            return Err(self.undo(vmm, &stopped, e));
+        }
+        // The new process claimed the guest. Only if it is gone without a word, really dead,
+        // and had not begun to run it (its mark untouched) may the guest resume here.
+        match e {
+            Error::Protocol(ProtocolError::PeerClosed { state, .. })
+                if peer
+                    .as_ref()
+                    .is_some_and(|p| crate::sys::wait_exit(p, t.peer_exit))
+                    && vmm.peer_took_over() == Some(false) =>
+            {
+                let e = Error::Orphaned {
+                    state,
+                    reason: "the new process died after it claimed the guest, before it ran it"
+                        .into(),
+                };
+                Err(self.undo(vmm, &stopped, e))
+            }
+            _ => {
+                vmm.progress(Progress::Committed);
+                Ok(Outcome::Transferred { started: false })
+            }
         }
     }
 

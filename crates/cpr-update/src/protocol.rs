@@ -323,6 +323,7 @@ impl std::fmt::Display for State {
 pub struct Session {
     role: Role,
     state: State,
+    owner_word: bool,
 }
 
 impl Session {
@@ -331,7 +332,21 @@ impl Session {
         Session {
             role,
             state: State::Start,
+            owner_word: false,
         }
+    }
+
+    /// Both builds decide the owner with the owner word (`cpr.owner-word`, agreed in the
+    /// `HELLO`s): after `STATE` the new side sends `STARTED` once it claimed the word and
+    /// runs the guest, and `RESTORED`/`COMMIT` are refused. From [`State::Restoring`] on,
+    /// the word, not [`owner`](Self::owner), says who owns the guest.
+    pub fn use_owner_word(&mut self) {
+        self.owner_word = true;
+    }
+
+    /// Whether [`use_owner_word`](Self::use_owner_word) was called.
+    pub fn owner_word(&self) -> bool {
+        self.owner_word
     }
 
     /// The current state.
@@ -366,7 +381,8 @@ impl Session {
             (Greeted, Kind::Memory) => (Greeted, true, Preparing),
             (Preparing, Kind::Ready) => (Preparing, false, Ready),
             (Ready, Kind::State) => (Ready, true, Restoring),
-            (Restoring, Kind::Restored) => (Restoring, false, Restored),
+            (Restoring, Kind::Started) if self.owner_word => (Restoring, false, Started),
+            (Restoring, Kind::Restored) if !self.owner_word => (Restoring, false, Restored),
             (Restored, Kind::Commit) if self.role == Role::Old => (Restored, true, Committing),
             (Restored, Kind::Commit) => (Restored, true, Committed),
             (Committing | Committed, Kind::Started) => (self.state, false, Started),
@@ -653,6 +669,11 @@ impl Channel {
     /// The session.
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Decides the owner with the owner word ([`Session::use_owner_word`]).
+    pub fn use_owner_word(&mut self) {
+        self.session.use_owner_word();
     }
 
     /// The socket.
@@ -977,6 +998,54 @@ mod tests {
             assert_eq!(new.owner(), owner, "after {kind}");
         }
         assert_eq!(old.state(), State::Started);
+    }
+
+    #[test]
+    fn with_the_owner_word_started_follows_the_state_and_the_commit_messages_are_refused() {
+        let mut old = Session::new(Role::Old);
+        let mut new = Session::new(Role::New);
+        old.use_owner_word();
+        new.use_owner_word();
+        for (kind, old_sends) in [
+            (Kind::Hello, true),
+            (Kind::Hello, false),
+            (Kind::Memory, true),
+            (Kind::Ready, false),
+            (Kind::State, true),
+        ] {
+            let (sender, receiver) = if old_sends {
+                (&mut old, &mut new)
+            } else {
+                (&mut new, &mut old)
+            };
+            sender.on_send(kind).unwrap();
+            receiver.on_receive(kind).unwrap();
+        }
+        assert!(new.on_send(Kind::Restored).is_err());
+        assert!(old.on_send(Kind::Commit).is_err());
+        // Either side may still abort: the word, not a message, decides from here.
+        let mut aborting = new.clone();
+        aborting.on_send(Kind::Abort).unwrap();
+        new.on_send(Kind::Started).unwrap();
+        old.on_receive(Kind::Started).unwrap();
+        assert_eq!((old.state(), new.state()), (State::Started, State::Started));
+        assert!(new.on_send(Kind::Abort).is_err());
+        // Without the word, STARTED right after STATE is out of order.
+        let mut legacy = Session::new(Role::Old);
+        for (kind, send) in [
+            (Kind::Hello, true),
+            (Kind::Hello, false),
+            (Kind::Memory, true),
+            (Kind::Ready, false),
+            (Kind::State, true),
+        ] {
+            if send {
+                legacy.on_send(kind).unwrap();
+            } else {
+                legacy.on_receive(kind).unwrap();
+            }
+        }
+        assert!(legacy.on_receive(Kind::Started).is_err());
     }
 
     #[test]

@@ -8,10 +8,13 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::{eventfd_count, Toy, LIVE};
+use cpr_update::owner::FEATURE_OWNER_WORD;
 use cpr_update::protocol::{read_message, Hello, Message, Role, PROTOCOL_VERSION};
 use cpr_update::{
     receive_transfer, update, BuildInfo, Error, Guest, Ids, Incoming, Outcome, Resumed, Target,
@@ -238,6 +241,14 @@ fn scripted(
     })
 }
 
+/// The toy's build as one from before the owner word: its transfers use `RESTORED` and
+/// `COMMIT`.
+fn legacy_build() -> BuildInfo {
+    let mut b = BuildInfo::new("toy", "1", &common::schema());
+    b.features.retain(|f| f != FEATURE_OWNER_WORD);
+    b
+}
+
 fn hello(build: BuildInfo) -> Vec<u8> {
     Message::Hello(Hello {
         protocol: PROTOCOL_VERSION,
@@ -309,10 +320,10 @@ fn out_of_order_and_unknown_answers_are_refused_by_name_with_the_guest_untouched
 }
 
 #[test]
-fn a_peer_that_goes_silent_times_out_and_the_guest_resumes() {
+fn a_legacy_peer_that_goes_silent_times_out_and_the_guest_resumes() {
     let mut old = Toy::new(true).with_ram(b"x");
     let (a, b) = UnixStream::pair().unwrap();
-    let toy_build = BuildInfo::new("toy", "1", &common::schema());
+    let toy_build = legacy_build();
     let peer = scripted(b, move |m, _| match m {
         Message::Hello(_) => Some(hello(toy_build.clone())),
         Message::Memory(_) => Some(Message::Ready.encode()),
@@ -338,7 +349,7 @@ fn a_peer_that_goes_silent_times_out_and_the_guest_resumes() {
 fn an_abort_crossing_the_commit_resumes_the_guest_in_the_old_process() {
     let mut old = Toy::new(true).with_ram(b"x");
     let (a, b) = UnixStream::pair().unwrap();
-    let toy_build = BuildInfo::new("toy", "1", &common::schema());
+    let toy_build = legacy_build();
     let peer = scripted(b, move |m, _| match m {
         Message::Hello(_) => Some(hello(toy_build.clone())),
         Message::Memory(_) => Some(Message::Ready.encode()),
@@ -360,4 +371,196 @@ fn an_abort_crossing_the_commit_resumes_the_guest_in_the_old_process() {
     assert_eq!((f.guest, old.resumes), (Guest::Running, 1));
     let seen = peer.join().unwrap();
     assert_eq!(&seen[..3], ["HELLO", "MEMORY", "STATE"]);
+}
+
+/// The phases that tell which protocol decided the owner on the new side.
+fn decided_by(r: &Resumed) -> &'static str {
+    let has = |n: &str| r.report.phases.iter().any(|p| p.name == n);
+    match (has("claimed"), has("commit-received")) {
+        (true, false) => "word",
+        (false, true) => "messages",
+        _ => "unclear",
+    }
+}
+
+/// Upgrades and rollbacks between a build with the owner word and one without: the two
+/// agree on `RESTORED`/`COMMIT` whichever side is the older, and the guest moves.
+#[test]
+fn builds_with_and_without_the_owner_word_transfer_both_ways() {
+    for (old_build, new_build, expect) in [
+        (None, None, "word"),
+        (Some(legacy_build()), None, "messages"),
+        (None, Some(legacy_build()), "messages"),
+        (Some(legacy_build()), Some(legacy_build()), "messages"),
+    ] {
+        let mut old = Toy::new(true).with_ram(b"guest data");
+        old.build = old_build;
+        old.value = 11;
+        let mut new = Toy::new(false);
+        new.build = new_build;
+        let (a, b) = UnixStream::pair().unwrap();
+        let new = new_side(new, b);
+        let out = update(
+            &mut old,
+            &Ids::new_vm().unwrap(),
+            Target::Transfer(a),
+            &short(),
+        );
+        assert_eq!(
+            out.unwrap(),
+            Outcome::Transferred { started: true },
+            "{expect}"
+        );
+        let (new, r) = new.join().unwrap();
+        let r = r.unwrap();
+        assert_eq!(decided_by(&r), expect);
+        assert_eq!((new.value, new.running, new.committed), (11, true, true));
+        assert_eq!(new.ram_bytes(10), b"guest data");
+        assert_eq!((old.pauses, old.resumes, old.running), (1, 0, false));
+    }
+}
+
+/// With the word, a peer that takes the state and never answers: the old side gives up
+/// after its timeout, takes the word back, and resumes the guest.
+#[test]
+fn a_peer_that_goes_silent_after_the_state_loses_the_word_and_the_guest_resumes() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    let (a, b) = UnixStream::pair().unwrap();
+    let toy_build = BuildInfo::new("toy", "1", &common::schema());
+    let peer = scripted(b, move |m, _| match m {
+        Message::Hello(_) => Some(hello(toy_build.clone())),
+        Message::Memory(_) => Some(Message::Ready.encode()),
+        Message::State(_) => Some(Vec::new()),
+        _ => None,
+    });
+    let mut t = short();
+    t.restore = Duration::from_millis(200);
+    t.started = Duration::from_millis(100);
+    let f = update(&mut old, &Ids::new_vm().unwrap(), Target::Transfer(a), &t).unwrap_err();
+    assert!(
+        f.to_string()
+            .contains("no STARTED from the new process within"),
+        "{f}"
+    );
+    assert_eq!((f.guest, old.pauses, old.resumes), (Guest::Running, 1, 1));
+    assert_eq!(peer.join().unwrap(), ["HELLO", "MEMORY", "STATE", "ABORT"]);
+}
+
+/// A new side still restoring when the old side gives up: the old side has taken the word
+/// back and resumed, so the new side's claim fails and it drops what it built.
+#[test]
+fn a_new_side_too_slow_to_claim_the_word_leaves_the_guest_to_the_old_process() {
+    let resumed = Arc::new(AtomicBool::new(false));
+    let mut old = Toy::new(true).with_ram(b"x");
+    old.resumed_flag = Some(resumed.clone());
+    let mut slow = Toy::new(false);
+    // Its restore ends only once the old process resumed the guest.
+    slow.restore_waits_for = Some(resumed);
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(slow, b);
+    let mut t = short();
+    t.restore = Duration::from_millis(200);
+    t.started = Duration::ZERO;
+    let f = update(&mut old, &Ids::new_vm().unwrap(), Target::Transfer(a), &t).unwrap_err();
+    assert_eq!(
+        (f.guest, old.resumes, old.running),
+        (Guest::Running, 1, true)
+    );
+    let (new, r) = new.join().unwrap();
+    assert!(matches!(r, Err(Error::Reclaimed)), "{r:?}");
+    assert!(new.discarded && !new.running && !new.committed);
+}
+
+/// Once the new side claimed the word the guest is never resumed by the old process, even
+/// if the new side fails right after (its commit hook) and the connection ends without
+/// `STARTED`, as long as the new process lives (here: the same process).
+#[test]
+fn a_claimed_word_keeps_the_old_process_from_resuming_the_guest() {
+    let mut old = Toy::new(true).with_ram(b"x");
+    let mut broken = Toy::new(false);
+    broken.fail = Some("commit");
+    let (a, b) = UnixStream::pair().unwrap();
+    let new = new_side(broken, b);
+    let out = update(
+        &mut old,
+        &Ids::new_vm().unwrap(),
+        Target::Transfer(a),
+        &short(),
+    );
+    assert_eq!(out.unwrap(), Outcome::Transferred { started: false });
+    assert_eq!((old.pauses, old.resumes, old.running), (1, 0, false));
+    let (new, r) = new.join().unwrap();
+    assert!(r
+        .unwrap_err()
+        .to_string()
+        .contains("the toy's commit failed"));
+    assert!(!new.running);
+}
+
+/// A peer announcing the owner word but sending `MEMORY` without it, or with an fd that
+/// is not a sealed page, is refused before the pause.
+#[test]
+fn a_missing_or_bad_owner_word_is_refused_before_the_pause() {
+    use cpr_update::protocol::{Channel, Memory};
+    for bad in [None, Some("unsealed")] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let new = new_side(Toy::new(false), b);
+        let mut ch = Channel::new(a, Role::Old, 1 << 20);
+        let t = Duration::from_secs(5);
+        let me = BuildInfo::new("toy", "1", &common::schema());
+        ch.send(
+            &Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                role: Role::Old,
+                pid: std::process::id(),
+                build: me,
+            }),
+            t,
+        )
+        .unwrap();
+        ch.recv("HELLO", t).unwrap();
+        ch.use_owner_word();
+        let mut reg = cpr_fd::FdRegistry::new();
+        let ram = Toy::new(true).with_ram(b"x").ram.unwrap();
+        reg.register(
+            "toy.ram",
+            cpr_fd::FdKind::MEMORY,
+            std::os::fd::OwnedFd::from(ram.try_clone().unwrap()),
+            b"",
+        )
+        .unwrap();
+        if bad.is_some() {
+            // The guest RAM's memfd: not sealed, not a page.
+            reg.register(
+                cpr_update::owner::FD_OWNER_WORD,
+                cpr_fd::FdKind::OTHER,
+                std::os::fd::OwnedFd::from(ram),
+                b"",
+            )
+            .unwrap();
+        }
+        let schema = common::schema();
+        let version = schema.latest_version();
+        let mut w =
+            cpr_snapshot::SnapshotWriter::new(Vec::new(), &schema, "toy", "1", version).unwrap();
+        w.write_section(
+            0,
+            &common::ToyMemory {
+                size: common::RAM_SIZE,
+            },
+        )
+        .unwrap();
+        let memory = Memory {
+            state_version: version,
+            ids: Ids::new_vm().unwrap(),
+            container: w.finish().unwrap(),
+        };
+        ch.send_with_fds(&Message::Memory(memory), &reg, t).unwrap();
+        let e = ch.recv("READY", t).unwrap_err();
+        let (new, r) = new.join().unwrap();
+        let r = r.unwrap_err();
+        assert!(matches!(r, Error::OwnerWord(_)), "{r:?}");
+        assert!(e.to_string().contains("owner word"), "{e}");
+        assert!(new.discarded);
+    }
 }

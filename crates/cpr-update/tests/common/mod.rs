@@ -11,6 +11,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cpr_fd::FdKind;
@@ -62,11 +64,15 @@ pub struct Toy {
     pub device: Option<OwnedFd>,
     pub pauses: u32,
     pub resumes: u32,
-    /// A hook that fails: `pause`, `save`, `prepare`, `restore`, `hold`.
+    /// A hook that fails: `pause`, `save`, `prepare`, `restore`, `commit`, `hold`.
     pub fail: Option<&'static str>,
     pub events: Vec<String>,
     pub committed: bool,
     pub discarded: bool,
+    /// Set when the toy resumes its guest.
+    pub resumed_flag: Option<Arc<AtomicBool>>,
+    /// `restore` waits (up to a minute) until this is set.
+    pub restore_waits_for: Option<Arc<AtomicBool>>,
 }
 
 impl Toy {
@@ -140,6 +146,9 @@ impl Pausable for Toy {
     fn resume(&mut self) -> Result<(), BoxError> {
         self.running = true;
         self.resumes += 1;
+        if let Some(f) = &self.resumed_flag {
+            f.store(true, Ordering::SeqCst);
+        }
         Ok(())
     }
     fn first_entry(&self, _timeout: Duration) -> Option<u64> {
@@ -205,12 +214,19 @@ impl Updatable for Toy {
     }
     fn restore(&mut self, input: &mut Loader<'_, '_>) -> Result<(), BoxError> {
         self.failing("restore")?;
+        if let Some(f) = &self.restore_waits_for {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !f.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let d: ToyDevice = input.take(0)?;
         self.value = d.value;
         self.device = input.fds().take("toy.dev").map(|e| e.into_fd());
         Ok(())
     }
     fn commit(&mut self) -> Result<(), BoxError> {
+        self.failing("commit")?;
         self.committed = true;
         if let Some(r) = &self.ram {
             r.write_all_at(&LIVE, 0)?;
