@@ -212,6 +212,8 @@ pub struct Machine {
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     /// Whether the threads passed the gate (ran, or parked after running).
     opened: bool,
+    /// A restore is begun and not ended.
+    restoring: bool,
     tsc_khz: Option<u32>,
     _serial_irq: EventFd,
 }
@@ -349,6 +351,7 @@ impl Machine {
                 .map(|v| Arc::new(Mutex::new(v)))
                 .collect(),
             opened: false,
+            restoring: false,
             _serial_irq: irq,
         })
     }
@@ -413,23 +416,29 @@ impl Machine {
         Ok(())
     }
 
-    /// Restores saved VM and vCPU state into the fresh VM: the VM-wide state here, then
-    /// each vCPU's on its own thread, all at once (the threads are started at the gate if
-    /// [`spawn_at_gate`](Self::spawn_at_gate) did not already). Returns MSRs the kernel
-    /// refused.
-    pub fn restore(
+    /// Starts restoring saved VM and vCPU state into the fresh VM: the VM-wide state here,
+    /// then each vCPU's on its own thread (started at the gate if
+    /// [`spawn_at_gate`](Self::spawn_at_gate) did not already), while the caller goes on
+    /// with the devices. [`end_restore`](Self::end_restore) waits for them; until it
+    /// returned, no vCPU runs. If the caller fails in between, [`shutdown`](Self::shutdown)
+    /// lets the threads finish their jobs and exit.
+    pub fn begin_restore(
         &mut self,
         vm_state: &VmState,
-        vcpus: &[VcpuState],
+        vcpus: Vec<VcpuState>,
         policy: ClockPolicy,
         elapsed_ns: u64,
-    ) -> Result<Vec<u32>> {
-        if self.opened || vcpus.len() != self.vcpu_count {
+    ) -> Result<()> {
+        if self.opened || vcpus.len() != self.vcpu_count || self.restoring {
             return Err(Error::State(format!(
                 "state has {} vCPUs for a VM of {}{}",
                 vcpus.len(),
                 self.vcpu_count,
-                if self.opened { " that already ran" } else { "" }
+                if self.opened || self.restoring {
+                    " that already ran or is being restored"
+                } else {
+                    ""
+                }
             )));
         }
         restore_vm(&self.vm, vm_state, policy, elapsed_ns)?;
@@ -439,17 +448,29 @@ impl Machine {
         let mut s = gate.lock();
         s.done = vec![None; self.vcpu_count];
         s.jobs = vcpus
-            .iter()
+            .into_iter()
             .map(|state| {
                 Some(Box::new(Job {
-                    state: state.clone(),
+                    state,
                     policy,
                     elapsed_ns,
                 }))
             })
             .collect();
         gate.cv.notify_all();
-        drop(s);
+        self.restoring = true;
+        Ok(())
+    }
+
+    /// Finishes what [`begin_restore`](Self::begin_restore) started: restores here any vCPU
+    /// whose thread has not taken its job yet (waking a thread on an idle CPU can cost more
+    /// than the restore), waits for the others, and returns MSRs the kernel refused.
+    pub fn end_restore(&mut self) -> Result<Vec<u32>> {
+        if !self.restoring {
+            return Err(Error::State("no restore was begun".into()));
+        }
+        self.restoring = false;
+        let gate = &self.shared.gate;
         for (i, v) in self.vcpus.iter().enumerate() {
             if let Some(job) = gate.claim(i) {
                 let r = job.run(&mut lock(v));

@@ -948,6 +948,19 @@ impl Updatable for Vmm {
             .iter()
             .map(|&i| input.take::<VcpuState>(i))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (policy, elapsed) = match self.config.guest_clock {
+            GuestClock::Frozen => (ClockPolicy::Frozen, 0),
+            GuestClock::Advance => (ClockPolicy::Advance, input.elapsed().ns().unwrap_or(0)),
+        };
+        // The vCPU threads restore their state while this thread restores the devices. A
+        // device that re-raises its interrupt line as it is restored (the UART does, for a
+        // pending THR/RDA interrupt) may now do so after a vCPU's LAPIC was set, and the guest
+        // then sees that interrupt once more: a spurious interrupt, which drivers ignore.
+        // Nothing pending is lost: the saved irqchip and LAPIC states carry it.
+        self.machine
+            .as_mut()
+            .ok_or("no VM")?
+            .begin_restore(&vm_state, vcpus, policy, elapsed)?;
         let serial_state: SerialSection = input.take(0)?;
         #[cfg(feature = "next")]
         if let Some(s) = input.take_optional::<StatsSection>(0)? {
@@ -1034,12 +1047,8 @@ impl Updatable for Vmm {
         } else {
             None
         };
-        let (policy, elapsed) = match self.config.guest_clock {
-            GuestClock::Frozen => (ClockPolicy::Frozen, 0),
-            GuestClock::Advance => (ClockPolicy::Advance, input.elapsed().ns().unwrap_or(0)),
-        };
         let m = self.machine.as_mut().ok_or("no VM")?;
-        let refused = m.restore(&vm_state, &vcpus, policy, elapsed)?;
+        let refused = m.end_restore()?;
         if !refused.is_empty() {
             log::warn!("MSRs the kernel refused to restore: {refused:x?}");
         }
