@@ -15,8 +15,8 @@ pub use kvm_ioctls;
 
 pub use capture::{
     capture_vcpu, capture_vcpu_with, capture_vm, complete_and_capture, restore_vcpu,
-    restore_vcpu_with, restore_vm, ClockPolicy, HostCaps, Report, VcpuConfig, MSR_IA32_TSC,
-    MSR_IA32_TSC_DEADLINE,
+    restore_vcpu_fast, restore_vcpu_with, restore_vm, ClockPolicy, HostCaps, InitialState, Report,
+    VcpuConfig, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE,
 };
 pub use error::{Error, Result};
 pub use run::{complete_pending_io, monotonic_ns};

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cpr_kvm::{
-    capture_vcpu, capture_vm, complete_and_capture, complete_pending_io, restore_vcpu, restore_vm,
-    ClockPolicy, HostCaps, VcpuConfig, VcpuState, VmState,
+    capture_vcpu, capture_vm, complete_and_capture, complete_pending_io, restore_vcpu,
+    restore_vcpu_fast, restore_vm, ClockPolicy, HostCaps, VcpuConfig, VcpuState, VmState,
 };
 use cpr_memory::{GuestRam, MemoryLayout, MemoryOptions, RegionSpec};
 use cpr_snapshot::{Schema, Snapshot, SnapshotWriter};
@@ -159,7 +159,26 @@ fn restore_and_finish(state_path: &Path) -> Run {
     let ram = GuestRam::reattach(&layout, &mut HashMap::new(), &MemoryOptions::default()).unwrap();
     let (vm, mut vcpu) = common::vm_with_ram(&kvm, &ram);
     restore_vm(&vm, &vm_state, ClockPolicy::Frozen, 0).unwrap();
-    let report = restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap();
+    let report = if std::env::var_os("CPR_KVM_TEST_FAST").is_some() {
+        let caps = HostCaps::probe(&kvm).unwrap();
+        let mut known = VcpuConfig::default();
+        known.read_initial(&vcpu, &caps).unwrap();
+        let r = restore_vcpu_fast(
+            &mut vcpu,
+            &vcpu_state,
+            ClockPolicy::Frozen,
+            0,
+            &mut known,
+            &caps,
+        )
+        .unwrap();
+        assert!(known.initial.is_none(), "the record is consumed");
+        println!("SYNC {}", caps.sync_regs);
+        r
+    } else {
+        restore_vcpu(&vcpu, &vcpu_state, ClockPolicy::Frozen, 0).unwrap()
+    };
+    println!("SKIPPED {:?}", report.skipped_ioctls);
     eprintln!("refused MSRs on restore: {:x?}", report.refused_msrs);
     let mut out = Run::default();
     run(&mut vcpu, &mut out, None);
@@ -235,15 +254,44 @@ fn restored_vcpu_finishes_like_an_uninterrupted_one() {
     drop(vm);
     drop(ram);
 
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "restored_vcpu_finishes_like_an_uninterrupted_one",
-            "--nocapture",
-        ])
-        .env("CPR_KVM_TEST_STATE", &state_path)
-        .output()
-        .unwrap();
+    // Restored by ioctls, then with restore_vcpu_fast (parts skipped or handed to KVM_RUN).
+    for fast in [false, true] {
+        let mut child = Command::new(std::env::current_exe().unwrap());
+        child
+            .args([
+                "--exact",
+                "restored_vcpu_finishes_like_an_uninterrupted_one",
+                "--nocapture",
+            ])
+            .env("CPR_KVM_TEST_STATE", &state_path);
+        if fast {
+            child.env("CPR_KVM_TEST_FAST", "1");
+        }
+        let text = finish_in(child, expected, &first, &reference);
+        let skipped = text
+            .lines()
+            .find_map(|l| l.strip_prefix("SKIPPED "))
+            .unwrap();
+        if !fast {
+            assert_eq!(skipped, "[]", "restore_vcpu sets every part");
+            continue;
+        }
+        // A real-mode guest that never touched XCR0, the debug registers or its mp_state:
+        // all three as a fresh vCPU holds them.
+        for ioctl in ["KVM_SET_MP_STATE", "KVM_SET_XCRS", "KVM_SET_DEBUGREGS"] {
+            assert!(skipped.contains(ioctl), "{ioctl} in {skipped}");
+        }
+        let sync = text.lines().any(|l| l == "SYNC true");
+        for ioctl in ["KVM_SET_REGS", "KVM_SET_VCPU_EVENTS"] {
+            assert_eq!(skipped.contains(ioctl), sync, "{ioctl} in {skipped}");
+        }
+    }
+}
+
+/// Runs the restoring child and checks it finished as the uninterrupted run did; returns its
+/// output.
+fn finish_in(mut child: Command, expected: u16, first: &Run, reference: &Run) -> String {
+    let out = child.output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
@@ -264,4 +312,5 @@ fn restored_vcpu_finishes_like_an_uninterrupted_one() {
     // No progress report lost or repeated across the hand-over.
     let joined: Vec<u16> = first.progress.iter().chain(&second).copied().collect();
     assert_eq!(joined, reference.progress);
+    text
 }

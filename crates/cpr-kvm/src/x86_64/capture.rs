@@ -7,7 +7,9 @@ use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
     KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SHADOW, KVM_VCPUEVENT_VALID_SIPI_VECTOR, KVM_VCPUEVENT_VALID_SMM,
 };
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 
@@ -76,6 +78,10 @@ pub enum ClockPolicy {
 pub struct Report {
     /// MSRs the kernel refused to read or write.
     pub refused_msrs: Vec<u32>,
+    /// Restore ([`restore_vcpu_fast`]): the ioctls left out because the vCPU already held
+    /// that part (`KVM_SET_MP_STATE`, `KVM_SET_XCRS`, `KVM_SET_DEBUGREGS`), or because the
+    /// part goes with the next `KVM_RUN` (`KVM_SET_REGS`, `KVM_SET_VCPU_EVENTS`).
+    pub skipped_ioctls: Vec<&'static str>,
 }
 
 /// What a vCPU was configured with outside its saved state: the CPUID the VMM set and the
@@ -93,6 +99,22 @@ pub struct VcpuConfig {
     pub cpuid: Option<Vec<CpuidEntry>>,
     /// The TSC frequency (`KVM_GET_TSC_KHZ`), if known.
     pub tsc_khz: Option<u32>,
+    /// What the vCPU holds, before it ever ran, in the parts [`restore_vcpu_fast`] sets only
+    /// where the state differs ([`read_initial`](Self::read_initial)). The next restore
+    /// consumes it: once a vCPU ran, these parts are the guest's.
+    pub initial: Option<InitialState>,
+}
+
+/// A vCPU's mp_state, XCRs and debug registers as `KVM_GET_*` read them before it ever ran.
+/// A restore whose saved state holds the same values needs no ioctl for them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InitialState {
+    /// `KVM_GET_MP_STATE`.
+    pub mp_state: Blob,
+    /// `KVM_GET_XCRS` (empty without `KVM_CAP_XCRS`).
+    pub xcrs: Blob,
+    /// `KVM_GET_DEBUGREGS` (empty without `KVM_CAP_DEBUGREGS`).
+    pub debugregs: Blob,
 }
 
 impl VcpuConfig {
@@ -103,7 +125,23 @@ impl VcpuConfig {
         Ok(VcpuConfig {
             cpuid: Some(cpuid.as_slice().iter().map(CpuidEntry::from_kvm).collect()),
             tsc_khz: vcpu.get_tsc_khz().ok().filter(|k| *k != 0),
+            initial: None,
         })
+    }
+
+    /// Records what `vcpu` holds in the parts of [`InitialState`]: three ioctls, worth it
+    /// only where they run before the pause (a transfer's new side builds its vCPUs while
+    /// the guest still runs in the old process) and the restore then skips up to three.
+    /// `vcpu` must not have run, nor had those parts set, since its creation.
+    pub fn read_initial(&mut self, vcpu: &VcpuFd, caps: &HostCaps) -> Result<()> {
+        self.initial = Some(InitialState {
+            mp_state: to_blob(&vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?),
+            xcrs: optional(caps.xcrs, "KVM_GET_XCRS", || vcpu.get_xcrs())?,
+            debugregs: optional(caps.debugregs, "KVM_GET_DEBUGREGS", || {
+                vcpu.get_debug_regs()
+            })?,
+        });
+        Ok(())
     }
 }
 
@@ -301,6 +339,107 @@ pub fn restore_vcpu_with(
     elapsed_ns: u64,
     known: &mut VcpuConfig,
 ) -> Result<Report> {
+    set_tsc_and_cpuid(vcpu, state, known)?;
+    restore_parts(vcpu, state, policy, elapsed_ns, None, false)
+}
+
+/// [`restore_vcpu_with`] with fewer ioctls inside the blackout, for a vCPU whose next
+/// `KVM_RUN` is the one that enters the guest (or that is next read through
+/// [`complete_and_capture`]):
+///
+/// - mp_state, XCRs and debug registers are not set where the state holds what
+///   `known.initial` recorded ([`VcpuConfig::read_initial`]); the record is consumed.
+/// - Where the host syncs registers in `kvm_run` (`caps.sync_regs`), the vCPU is runnable or
+///   halted, and its events pass the checks `KVM_SET_VCPU_EVENTS` makes (checked here, more
+///   strictly: flags of the classic four only, no exception vector above 31 or NMI's, no
+///   SMM), the general registers and the events go into `kvm_run`'s sync area, marked
+///   dirty, instead of `KVM_SET_REGS` and `KVM_SET_VCPU_EVENTS`. The next `KVM_RUN` applies
+///   them before anything else, registers then events: the order of the ioctls, last, as
+///   step 6 of [`restore_vcpu`] wants (setting the registers clears a pending exception, so
+///   they may not follow the events). Anything else is restored by ioctl, as
+///   [`restore_vcpu_with`] does.
+///
+/// Until that `KVM_RUN`, `KVM_GET_REGS` and `KVM_GET_VCPU_EVENTS` read the fresh vCPU's
+/// values, not the restored ones: read the vCPU through [`complete_and_capture`], whose
+/// immediate-exit `KVM_RUN` applies them first. What the kernel refuses is refused by an
+/// ioctl here, before the caller commits to the state, except what a newer kernel might
+/// check beyond the checks above; that would fail the first `KVM_RUN`.
+///
+/// [`Report::skipped_ioctls`] names the ioctls left out.
+pub fn restore_vcpu_fast(
+    vcpu: &mut VcpuFd,
+    state: &VcpuState,
+    policy: ClockPolicy,
+    elapsed_ns: u64,
+    known: &mut VcpuConfig,
+    caps: &HostCaps,
+) -> Result<Report> {
+    set_tsc_and_cpuid(vcpu, state, known)?;
+    let initial = known.initial.take();
+    let deferred = if caps.sync_regs {
+        deferrable(state)?
+    } else {
+        None
+    };
+    let mut report = restore_parts(
+        vcpu,
+        state,
+        policy,
+        elapsed_ns,
+        initial.as_ref(),
+        deferred.is_some(),
+    )?;
+    if let Some((regs, events)) = deferred {
+        let sync = vcpu.sync_regs_mut();
+        sync.regs = regs;
+        sync.events = events;
+        vcpu.set_sync_dirty_reg(SyncReg::Register);
+        vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        report
+            .skipped_ioctls
+            .extend(["KVM_SET_REGS", "KVM_SET_VCPU_EVENTS"]);
+    }
+    Ok(report)
+}
+
+/// The registers and events to hand to the next `KVM_RUN`, if that is safe for `state`.
+fn deferrable(state: &VcpuState) -> Result<Option<(kvm_regs, kvm_vcpu_events)>> {
+    if state.events.is_empty() {
+        return Ok(None);
+    }
+    let mp: kvm_mp_state = from_blob(&state.mp_state, "mp_state")?;
+    // An uninitialized vCPU's KVM_RUN returns before it applies the sync area, which would
+    // then wait for the SIPI and overwrite what the SIPI set.
+    if mp.mp_state != KVM_MP_STATE_RUNNABLE && mp.mp_state != KVM_MP_STATE_HALTED {
+        return Ok(None);
+    }
+    let events: kvm_vcpu_events = from_blob(&state.events, "vcpu events")?;
+    if !events_pass_kvm_checks(&events) {
+        return Ok(None);
+    }
+    Ok(Some((from_blob(&state.regs, "regs")?, events)))
+}
+
+/// Whether `KVM_SET_VCPU_EVENTS` accepts `e` on any kernel with the classic event flags,
+/// checked more strictly than the kernel does (so that what passes here cannot fail there).
+fn events_pass_kvm_checks(e: &kvm_vcpu_events) -> bool {
+    const CLASSIC: u32 = KVM_VCPUEVENT_VALID_NMI_PENDING
+        | KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        | KVM_VCPUEVENT_VALID_SHADOW
+        | KVM_VCPUEVENT_VALID_SMM;
+    let exception = e.exception.injected != 0 || e.exception.pending != 0;
+    e.flags & !CLASSIC == 0
+        && e.exception.pending == 0
+        && !(exception && (e.exception.nr > 31 || u32::from(e.exception.nr) == NMI_VECTOR))
+        && e.smi.smm == 0
+        && e.smi.pending == 0
+        && e.smi.smm_inside_nmi == 0
+}
+
+/// The x86 NMI vector, which KVM refuses as an exception.
+const NMI_VECTOR: u32 = 2;
+
+fn set_tsc_and_cpuid(vcpu: &VcpuFd, state: &VcpuState, known: &mut VcpuConfig) -> Result<()> {
     if let Some(khz) = state.tsc_khz {
         let current = match known.tsc_khz {
             Some(k) => Some(k),
@@ -315,7 +454,7 @@ pub fn restore_vcpu_with(
         set_cpuid(vcpu, &state.cpuid)?;
         known.cpuid = Some(state.cpuid.clone());
     }
-    restore_after_cpuid(vcpu, state, policy, elapsed_ns)
+    Ok(())
 }
 
 fn set_cpuid(vcpu: &VcpuFd, cpuid: &[CpuidEntry]) -> Result<()> {
@@ -340,17 +479,38 @@ fn set_cpuid(vcpu: &VcpuFd, cpuid: &[CpuidEntry]) -> Result<()> {
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))
 }
 
-fn restore_after_cpuid(
+/// Everything after the CPUID, in [`restore_vcpu`]'s order. `initial`: what the vCPU holds
+/// (those parts are set only where they differ). `deferred`: the registers and events go
+/// with the next `KVM_RUN`, so their ioctls are left out.
+fn restore_parts(
     vcpu: &VcpuFd,
     state: &VcpuState,
     policy: ClockPolicy,
     elapsed_ns: u64,
+    initial: Option<&InitialState>,
+    deferred: bool,
 ) -> Result<Report> {
     let mut report = Report::default();
-    vcpu.set_mp_state(from_blob::<kvm_mp_state>(&state.mp_state, "mp_state")?)
-        .map_err(kvm("KVM_SET_MP_STATE"))?;
-    vcpu.set_regs(&from_blob::<kvm_regs>(&state.regs, "regs")?)
-        .map_err(kvm("KVM_SET_REGS"))?;
+    let mut held = |part: fn(&InitialState) -> &Blob, saved: &Blob, ioctl: &'static str| {
+        let same = initial.is_some_and(|i| part(i) == saved);
+        if same {
+            report.skipped_ioctls.push(ioctl);
+        }
+        same
+    };
+    let skip_mp_state = held(|i| &i.mp_state, &state.mp_state, "KVM_SET_MP_STATE");
+    let skip_xcrs = held(|i| &i.xcrs, &state.xcrs, "KVM_SET_XCRS");
+    let skip_debugregs = held(|i| &i.debugregs, &state.debugregs, "KVM_SET_DEBUGREGS");
+    // Parsed whatever is skipped: a malformed part is refused all the same.
+    let mp_state = from_blob::<kvm_mp_state>(&state.mp_state, "mp_state")?;
+    if !skip_mp_state {
+        vcpu.set_mp_state(mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+    }
+    let regs = from_blob::<kvm_regs>(&state.regs, "regs")?;
+    if !deferred {
+        vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    }
     vcpu.set_sregs(&from_blob::<kvm_sregs>(&state.sregs, "sregs")?)
         .map_err(kvm("KVM_SET_SREGS"))?;
     // XSAVE supersedes the legacy FPU image; only without it is the FPU set on its own.
@@ -365,12 +525,17 @@ fn restore_after_cpuid(
         unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
     }
     if !state.xcrs.is_empty() {
-        vcpu.set_xcrs(&from_blob::<kvm_xcrs>(&state.xcrs, "xcrs")?)
-            .map_err(kvm("KVM_SET_XCRS"))?;
+        let xcrs = from_blob::<kvm_xcrs>(&state.xcrs, "xcrs")?;
+        if !skip_xcrs {
+            vcpu.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        }
     }
     if !state.debugregs.is_empty() {
-        vcpu.set_debug_regs(&from_blob::<kvm_debugregs>(&state.debugregs, "debugregs")?)
-            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        let debugregs = from_blob::<kvm_debugregs>(&state.debugregs, "debugregs")?;
+        if !skip_debugregs {
+            vcpu.set_debug_regs(&debugregs)
+                .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        }
     }
     vcpu.set_lapic(&from_blob::<kvm_lapic_state>(&state.lapic, "lapic")?)
         .map_err(kvm("KVM_SET_LAPIC"))?;
@@ -386,8 +551,11 @@ fn restore_after_cpuid(
     }
     write_msrs(vcpu, &msrs, &mut report.refused_msrs)?;
     if !state.events.is_empty() {
-        vcpu.set_vcpu_events(&from_blob::<kvm_vcpu_events>(&state.events, "vcpu events")?)
-            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        let events = from_blob::<kvm_vcpu_events>(&state.events, "vcpu events")?;
+        if !deferred {
+            vcpu.set_vcpu_events(&events)
+                .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        }
     }
     Ok(report)
 }
