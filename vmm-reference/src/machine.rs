@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cpr_kvm::run::{arm_kick, install_kick_handler, kick, prefault_thread, PauseControl, Resume};
 use cpr_kvm::{
-    capture_vm, complete_and_capture, monotonic_ns, restore_vcpu_with, restore_vm, ClockPolicy,
+    capture_vm, complete_and_capture, monotonic_ns, restore_vcpu_fast, restore_vm, ClockPolicy,
     HostCaps, VcpuConfig, VcpuState, VmState,
 };
 use cpr_memory::{BackendKind, GuestRam};
@@ -319,6 +319,7 @@ impl Machine {
                     None => VcpuConfig {
                         cpuid: None,
                         tsc_khz: fd.get_tsc_khz().ok().filter(|k| *k != 0),
+                        initial: None,
                     },
                 };
                 Ok(Vcpu { fd, config })
@@ -473,7 +474,7 @@ impl Machine {
         let gate = &self.shared.gate;
         for (i, v) in self.vcpus.iter().enumerate() {
             if let Some(job) = gate.claim(i) {
-                let r = job.run(&mut lock(v));
+                let r = job.run(&mut lock(v), &self.shared.caps);
                 gate.finish(i, r);
             }
         }
@@ -540,6 +541,21 @@ impl Machine {
         gate.cv.notify_all();
         drop(s);
         self.opened = true;
+    }
+
+    /// Records what each fresh vCPU holds in the parts a restore then sets only where they
+    /// differ (`VcpuConfig::read_initial`): three ioctls per vCPU, for a VM built before the
+    /// pause (a transfer's new side), so that up to three leave the blackout.
+    pub fn read_initial_vcpu_state(&self) -> Result<()> {
+        if self.opened {
+            return Err(Error::State("the vCPUs ran already".into()));
+        }
+        for v in &self.vcpus {
+            let mut v = lock(v);
+            let Vcpu { fd, config } = &mut *v;
+            config.read_initial(fd, &self.shared.caps)?;
+        }
+        Ok(())
     }
 
     /// Runs the vCPUs.
@@ -797,7 +813,7 @@ fn vcpu_thread(
     loop {
         match shared.gate.wait(index) {
             AtGate::Restore(job) => {
-                let r = job.run(&mut lock(&vcpu));
+                let r = job.run(&mut lock(&vcpu), &shared.caps);
                 shared.gate.finish(index, r);
             }
             AtGate::Open(Resume::Exit, _) => return,
@@ -815,16 +831,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Job {
-    fn run(&self, v: &mut Vcpu) -> std::result::Result<Vec<u32>, String> {
-        restore_vcpu_with(
-            &v.fd,
-            &self.state,
-            self.policy,
-            self.elapsed_ns,
-            &mut v.config,
-        )
-        .map(|r| r.refused_msrs)
-        .map_err(|e| e.to_string())
+    /// Restores with the fewest ioctls: this vCPU's next `KVM_RUN` enters the guest, or is
+    /// the next pause's `complete_and_capture`, as `restore_vcpu_fast` requires.
+    fn run(&self, v: &mut Vcpu, caps: &HostCaps) -> std::result::Result<Vec<u32>, String> {
+        let Vcpu { fd, config } = v;
+        restore_vcpu_fast(fd, &self.state, self.policy, self.elapsed_ns, config, caps)
+            .map(|r| r.refused_msrs)
+            .map_err(|e| e.to_string())
     }
 }
 

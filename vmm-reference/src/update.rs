@@ -925,7 +925,12 @@ impl Updatable for Vmm {
             |irq| SerialDevice::new(&SerialConfig::Null, None, irq, access),
             &mut |name| input.mark(name),
         )?;
-        // vCPU threads wait at the gate: for a transfer this is before the pause.
+        // vCPU threads wait at the gate: for a transfer this is before the pause, and so is
+        // reading what the fresh vCPUs hold (a restart's or reboot's would cost as much
+        // inside the blackout as the restore then saves).
+        if input.mode() == Mode::Transfer {
+            machine.read_initial_vcpu_state()?;
+        }
         machine.spawn_at_gate(input.mode() == Mode::Transfer)?;
         input.mark("vm-created");
         self.guest = cfg.guest;
