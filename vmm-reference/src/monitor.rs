@@ -769,18 +769,26 @@ impl Monitor {
     }
 
     fn queue_out(&mut self, id: u64, bytes: &[u8]) {
+        if self.append_out(id, bytes) {
+            self.write_out(id);
+        }
+    }
+
+    /// Appends to a client's output without writing it; false if the client is gone (or
+    /// was just dropped for not reading).
+    fn append_out(&mut self, id: u64, bytes: &[u8]) -> bool {
         let Some(c) = self.clients.get_mut(&id) else {
-            return;
+            return false;
         };
         if c.out.len() + bytes.len() > MAX_OUTPUT {
             // It does not read: disconnect it rather than let it hold anyone up.
             log::warn!("monitor: client {id} does not read its answers; disconnected");
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
             self.drop_client(id);
-            return;
+            return false;
         }
         c.out.extend_from_slice(bytes);
-        self.write_out(id);
+        true
     }
 
     /// Answers a command.
@@ -808,6 +816,21 @@ impl Monitor {
     /// Sends an event stamped with `realtime_ns` (the moment it describes, e.g. when the
     /// last vCPU stopped).
     pub fn event_at(&mut self, name: &str, data: Option<Value>, realtime_ns: u64) {
+        for id in self.queue_event_at(name, data, realtime_ns) {
+            self.write_out(id);
+        }
+    }
+
+    /// Queues an event as [`event_at`](Self::event_at) does, without writing it: it goes
+    /// out with the next write to each client (the next event or answer), or, in a restart
+    /// or transfer, with the output the next image is handed. Returns the clients queued
+    /// to.
+    pub fn queue_event_at(
+        &mut self,
+        name: &str,
+        data: Option<Value>,
+        realtime_ns: u64,
+    ) -> Vec<u64> {
         let mut msg = json!({"event": name, "timestamp": timestamp_of(realtime_ns)});
         if let Some(d) = data {
             msg["data"] = d;
@@ -823,9 +846,9 @@ impl Monitor {
             .filter(|(_, c)| c.negotiated)
             .map(|(id, _)| *id)
             .collect();
-        for id in ids {
-            self.queue_out(id, &bytes);
-        }
+        ids.into_iter()
+            .filter(|&id| self.append_out(id, &bytes))
+            .collect()
     }
 
     /// Writes pending output for up to `time` (before the process exits).
@@ -1106,6 +1129,37 @@ mod loop_tests {
             assert!(self.line(&mut r).contains("return"));
             (s, r)
         }
+    }
+
+    /// A queued event is not written until the next write to the client, and then goes
+    /// first, with its own stamp.
+    #[test]
+    fn a_queued_event_goes_out_before_the_next_one() {
+        let mut f = fixture(4);
+        let (_s, mut r) = f.negotiated();
+        let queued = f.monitor.queue_event_at("STOP", None, 1_000_000_000);
+        assert_eq!(queued.len(), 1);
+        r.get_ref().set_nonblocking(true).unwrap();
+        let mut l = String::new();
+        // Polled, the monitor writes nothing: the event waits for the next write.
+        f.monitor.poll(Duration::from_millis(10)).unwrap();
+        assert_eq!(
+            r.read_line(&mut l).unwrap_err().kind(),
+            ErrorKind::WouldBlock,
+            "{l}"
+        );
+        r.get_ref().set_nonblocking(false).unwrap();
+        f.monitor.event_at("RESUME", None, 2_000_000_000);
+        let stop: Value = serde_json::from_str(&f.line(&mut r)).unwrap();
+        let resume: Value = serde_json::from_str(&f.line(&mut r)).unwrap();
+        assert_eq!(
+            (&stop["event"], &stop["timestamp"]["seconds"]),
+            (&json!("STOP"), &json!(1))
+        );
+        assert_eq!(
+            (&resume["event"], &resume["timestamp"]["seconds"]),
+            (&json!("RESUME"), &json!(2))
+        );
     }
 
     #[test]

@@ -475,7 +475,9 @@ impl Vmm {
             id: req.id.as_ref().map(Value::to_string).unwrap_or_default(),
         });
         let ids = self.ids;
+        self.updating = Some(mode);
         let result = cpr_update::update(self, &ids, target, &Timeouts::default());
+        self.updating = None;
         self.waiting = None;
         match result {
             Ok(UpdateOutcome::Transferred { started }) => {

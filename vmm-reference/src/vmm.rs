@@ -113,6 +113,8 @@ pub struct Vmm {
     pub(crate) ids: Ids,
     /// Old side: the client waiting for the `cpr-save` answer.
     pub(crate) waiting: Option<ReplySection>,
+    /// The mode of the update under way, if any.
+    pub(crate) updating: Option<cpr_update::Mode>,
     /// Old side: the identities of the state being saved.
     pub(crate) saving: Option<Ids>,
     /// New side: what the update brought.
@@ -150,6 +152,7 @@ impl Vmm {
             passthrough: None,
             ids: Ids::new_vm().map_err(Error::Update)?,
             waiting: None,
+            updating: None,
             saving: None,
             arrived: Arrived::default(),
             update_count: 0,
@@ -473,11 +476,25 @@ impl Vmm {
     }
 
     /// `STOP`, stamped when the last vCPU left the guest.
+    ///
+    /// In the pause of a restart or a transfer it is queued, not written: the next image
+    /// is handed the monitor's pending output and writes it, before `RESUME`, once the
+    /// guest runs again (or this process does, with `RESUME`, if the update fails). The
+    /// write, and the client it wakes, stay out of the blackout; the stamp is the stop's
+    /// either way.
     pub(crate) fn stop_event(&mut self, stop_mono_ns: u64) {
         let at = cpr_update::StopTime::at(stop_mono_ns).realtime_ns;
+        let carried = matches!(
+            self.updating,
+            Some(cpr_update::Mode::Restart | cpr_update::Mode::Transfer)
+        );
         if let Some(m) = &mut self.monitor {
-            m.event_at("STOP", None, at);
-            m.flush_for(Duration::ZERO);
+            if carried {
+                m.queue_event_at("STOP", None, at);
+            } else {
+                m.event_at("STOP", None, at);
+                m.flush_for(Duration::ZERO);
+            }
         }
     }
 
