@@ -4,7 +4,7 @@
 //! The KVM virtual machine: guest memory slots, in-kernel irqchip and PIT, vCPU threads,
 //! COM1; pausing, capturing and restoring it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{JoinHandle, Thread};
@@ -143,6 +143,8 @@ struct Vcpu {
 struct Gate {
     state: Mutex<GateState>,
     cv: Condvar,
+    /// Set when the gate opens (as `GateState::open`), for threads that poll.
+    opened: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -174,8 +176,17 @@ impl Gate {
         self.lock().jobs.get_mut(index).and_then(Option::take)
     }
 
-    /// A vCPU thread's next instruction.
-    fn wait(&self, index: usize) -> AtGate {
+    /// A vCPU thread's next instruction. `poll`: it just restored its vCPU, so the gate
+    /// opens soon: it looks for that, yielding the CPU, for up to [`GATE_POLL`] before it
+    /// sleeps (a sleeping thread's wake-up costs tens of microseconds on a host whose idle
+    /// CPUs halt).
+    fn wait(&self, index: usize, poll: bool) -> AtGate {
+        if poll {
+            let start = Instant::now();
+            while !self.opened.load(Ordering::Acquire) && start.elapsed() < GATE_POLL {
+                std::thread::yield_now();
+            }
+        }
         let mut s = self.lock();
         loop {
             if let Some(job) = s.jobs.get_mut(index).and_then(Option::take) {
@@ -196,6 +207,9 @@ impl Gate {
         self.cv.notify_all();
     }
 }
+
+/// How long a vCPU thread that restored its vCPU polls for the gate to open.
+const GATE_POLL: Duration = Duration::from_millis(1);
 
 /// A running (or paused) VM.
 #[derive(Debug)]
@@ -538,6 +552,7 @@ impl Machine {
         let gate = &self.shared.gate;
         let mut s = gate.lock();
         s.open = Some((what, self.serial.uart.clone()));
+        gate.opened.store(true, Ordering::Release);
         gate.cv.notify_all();
         drop(s);
         self.opened = true;
@@ -810,10 +825,12 @@ fn vcpu_thread(
         // What a restore here and a capture at the next pause touch, resident before either.
         prefault_thread();
     }
+    let mut restored = false;
     loop {
-        match shared.gate.wait(index) {
+        match shared.gate.wait(index, restored) {
             AtGate::Restore(job) => {
                 let r = job.run(&mut lock(&vcpu), &shared.caps);
+                restored = r.is_ok();
                 shared.gate.finish(index, r);
             }
             AtGate::Open(Resume::Exit, _) => return,
