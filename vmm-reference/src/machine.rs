@@ -145,6 +145,8 @@ struct Gate {
     cv: Condvar,
     /// Set when the gate opens (as `GateState::open`), for threads that poll.
     opened: AtomicBool,
+    /// Set when the restore jobs are handed out, for threads that poll.
+    restoring: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -176,16 +178,16 @@ impl Gate {
         self.lock().jobs.get_mut(index).and_then(Option::take)
     }
 
-    /// A vCPU thread's next instruction. `poll`: it just restored its vCPU, so the gate
-    /// opens soon: it looks for that, yielding the CPU, for up to [`GATE_POLL`] before it
-    /// sleeps (a sleeping thread's wake-up costs tens of microseconds on a host whose idle
-    /// CPUs halt).
-    fn wait(&self, index: usize, poll: bool) -> AtGate {
-        if poll {
-            let start = Instant::now();
-            while !self.opened.load(Ordering::Acquire) && start.elapsed() < GATE_POLL {
-                std::thread::yield_now();
-            }
+    /// A vCPU thread's next instruction. `poll`: how long to look for it, yielding the CPU,
+    /// before sleeping, where it is due soon (a sleeping thread's wake-up costs tens of
+    /// microseconds on a host whose idle CPUs halt, inside the blackout).
+    fn wait(&self, index: usize, poll: Duration) -> AtGate {
+        let start = Instant::now();
+        while !self.opened.load(Ordering::Acquire)
+            && !self.restoring.load(Ordering::Acquire)
+            && start.elapsed() < poll
+        {
+            std::thread::yield_now();
         }
         let mut s = self.lock();
         loop {
@@ -209,7 +211,11 @@ impl Gate {
 }
 
 /// How long a vCPU thread that restored its vCPU polls for the gate to open.
-const GATE_POLL: Duration = Duration::from_millis(1);
+const GATE_POLL_RESTORED: Duration = Duration::from_millis(1);
+/// How long a vCPU thread started before a pause polls for its restore job. The old process
+/// pauses as soon as it hears the VM is built; yielding, the poll takes little from the
+/// guest still running there.
+const GATE_POLL_PREPARED: Duration = Duration::from_millis(20);
 
 /// A running (or paused) VM.
 #[derive(Debug)]
@@ -462,6 +468,7 @@ impl Machine {
         let gate = &self.shared.gate;
         let mut s = gate.lock();
         s.done = vec![None; self.vcpu_count];
+        gate.restoring.store(true, Ordering::Release);
         s.jobs = vcpus
             .into_iter()
             .map(|state| {
@@ -825,12 +832,22 @@ fn vcpu_thread(
         // What a restore here and a capture at the next pause touch, resident before either.
         prefault_thread();
     }
-    let mut restored = false;
+    // Started before a pause (a transfer's new side): the state is due within
+    // milliseconds. Restored: the gate opens within tens of microseconds.
+    let mut poll = if prefault {
+        GATE_POLL_PREPARED
+    } else {
+        Duration::ZERO
+    };
     loop {
-        match shared.gate.wait(index, restored) {
+        match shared.gate.wait(index, poll) {
             AtGate::Restore(job) => {
                 let r = job.run(&mut lock(&vcpu), &shared.caps);
-                restored = r.is_ok();
+                poll = if r.is_ok() {
+                    GATE_POLL_RESTORED
+                } else {
+                    Duration::ZERO
+                };
                 shared.gate.finish(index, r);
             }
             AtGate::Open(Resume::Exit, _) => return,
