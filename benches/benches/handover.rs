@@ -109,5 +109,44 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// The same window between builds that decide the owner with the owner word: `STATE` and
+/// its fds, then `STARTED` (the claim itself is one compare-and-swap in a shared page, not a
+/// message, and is left out).
+fn bench_owner_word(c: &mut Criterion) {
+    let state = vec![0x5a_u8; 24 << 10];
+    let reg = fds(6);
+    c.bench_function("pause_window_exchange_owner_word", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (mut old, mut new) = ready();
+                old.use_owner_word();
+                new.use_owner_word();
+                let (tx, rx) = std::sync::mpsc::channel();
+                let mut start = Instant::now();
+                std::thread::scope(|s| {
+                    s.spawn(move || {
+                        tx.send(()).unwrap();
+                        let Message::State(got) = new.recv("STATE", T).unwrap() else {
+                            panic!("not a STATE");
+                        };
+                        assert_eq!(got.len(), 24 << 10);
+                        let got = new.recv_fds(T).unwrap();
+                        assert_eq!(got.len(), 6);
+                        new.send(&Message::Started, T).unwrap();
+                    });
+                    rx.recv().unwrap();
+                    start = Instant::now();
+                    old.send(&Message::State(state.clone()), T).unwrap();
+                    old.send_fds(&reg, T).unwrap();
+                    old.recv("STARTED", T).unwrap();
+                });
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+}
+
+criterion_group!(benches, bench, bench_owner_word);
 criterion_main!(benches);
