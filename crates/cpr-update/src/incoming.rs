@@ -526,18 +526,24 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
     }
     marks.mark("commit-received");
     let _ = fault::hit("transfer.new.commit-received");
-    let report = run(
-        vmm,
-        &loaded,
-        &mut marks,
-        opts,
-        Some("transfer.new.after-commit"),
-    )?;
-    let _ = ch.send(&Message::Started, t.write);
+    start_owned(vmm, &mut ch, &loaded, &mut marks, opts, took_over)
+}
+
+/// The new side owns the guest: commit and run it, tell the old side (`STARTED`).
+fn start_owned<V: Updatable + ?Sized>(
+    vmm: &mut V,
+    ch: &mut Channel,
+    loaded: &Loaded,
+    marks: &mut Marks,
+    opts: &Incoming,
+    took_over: bool,
+) -> Result<Resumed> {
+    let report = run(vmm, loaded, marks, opts, Some("transfer.new.after-commit"))?;
+    let _ = ch.send(&Message::Started, opts.timeouts.write);
     Ok(Resumed {
         report,
         ids: loaded.info.ids,
-        source: loaded.header,
+        source: loaded.header.clone(),
         fallback: None,
         took_over,
         unused_fds: Vec::new(),
@@ -555,7 +561,6 @@ fn run_by_word<V: Updatable + ?Sized>(
     mut marks: Marks,
     opts: &Incoming,
 ) -> Result<Resumed> {
-    let t = &opts.timeouts;
     if let Err(e) = fault::hit("transfer.new.before-claim") {
         return Err(give_up(vmm, &mut ch, e));
     }
@@ -565,22 +570,7 @@ fn run_by_word<V: Updatable + ?Sized>(
     marks.mark("claimed");
     vmm.progress(Progress::Committed);
     let _ = fault::hit("transfer.new.claimed");
-    let report = run(
-        vmm,
-        &loaded,
-        &mut marks,
-        opts,
-        Some("transfer.new.after-commit"),
-    )?;
-    let _ = ch.send(&Message::Started, t.write);
-    Ok(Resumed {
-        report,
-        ids: loaded.info.ids,
-        source: loaded.header,
-        fallback: None,
-        took_over: false,
-        unused_fds: Vec::new(),
-    })
+    start_owned(vmm, &mut ch, &loaded, &mut marks, opts, false)
 }
 
 /// The new side fails before owning the guest: drop what was built and tell the old side.

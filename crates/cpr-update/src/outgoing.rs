@@ -500,22 +500,37 @@ impl Ctx<'_> {
             }
             // It is gone without a word. Only if it had not begun to own the guest (its
             // mark untouched) and is really dead may the guest resume here.
-            Err(Error::Protocol(ProtocolError::PeerClosed { state, .. }))
-                if peer
-                    .as_ref()
-                    .is_some_and(|p| crate::sys::wait_exit(p, t.peer_exit))
-                    && vmm.peer_took_over() == Some(false) =>
-            {
-                let e = Error::Orphaned {
-                    state,
-                    reason: "the new process died after the commit, before it took the guest over"
-                        .into(),
-                };
-                Err(self.undo(vmm, &stopped, e))
-            }
-            // Otherwise the guest is the new process's, whatever happens to it now.
-            Err(_) => Ok(Outcome::Transferred { started: false }),
+            Err(e) => match self.orphaned(
+                vmm,
+                peer.as_ref(),
+                e,
+                "the new process died after the commit, before it took the guest over",
+            ) {
+                Some(e) => Err(self.undo(vmm, &stopped, e)),
+                // Otherwise the guest is the new process's, whatever happens to it now.
+                None => Ok(Outcome::Transferred { started: false }),
+            },
         }
+    }
+
+    /// After the new process took the guest: `Some` (the error to resume the guest with) if
+    /// `e` says the connection ended, the process is dead, and its mark on the guest is
+    /// untouched (`peer_took_over() == Some(false)`): then it never ran the guest.
+    fn orphaned<V: Updatable + ?Sized>(
+        &self,
+        vmm: &V,
+        peer: Option<&std::os::fd::OwnedFd>,
+        e: Error,
+        reason: &str,
+    ) -> Option<Error> {
+        let Error::Protocol(ProtocolError::PeerClosed { state, .. }) = e else {
+            return None;
+        };
+        let dead = peer.is_some_and(|p| crate::sys::wait_exit(p, self.timeouts.peer_exit));
+        (dead && vmm.peer_took_over() == Some(false)).then(|| Error::Orphaned {
+            state,
+            reason: reason.into(),
+        })
     }
 
     /// The rest of a transfer whose owner the word decides: `STATE` out, then `STARTED`
@@ -560,21 +575,14 @@ impl Ctx<'_> {
         }
         // The new process claimed the guest. Only if it is gone without a word, really dead,
         // and had not begun to run it (its mark untouched) may the guest resume here.
-        match e {
-            Error::Protocol(ProtocolError::PeerClosed { state, .. })
-                if peer
-                    .as_ref()
-                    .is_some_and(|p| crate::sys::wait_exit(p, t.peer_exit))
-                    && vmm.peer_took_over() == Some(false) =>
-            {
-                let e = Error::Orphaned {
-                    state,
-                    reason: "the new process died after it claimed the guest, before it ran it"
-                        .into(),
-                };
-                Err(self.undo(vmm, &stopped, e))
-            }
-            _ => {
+        match self.orphaned(
+            vmm,
+            peer.as_ref(),
+            e,
+            "the new process died after it claimed the guest, before it ran it",
+        ) {
+            Some(e) => Err(self.undo(vmm, &stopped, e)),
+            None => {
                 vmm.progress(Progress::Committed);
                 Ok(Outcome::Transferred { started: false })
             }

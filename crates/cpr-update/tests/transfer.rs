@@ -319,28 +319,33 @@ fn out_of_order_and_unknown_answers_are_refused_by_name_with_the_guest_untouched
     peer.join().unwrap();
 }
 
+/// A peer that takes the state and never answers: the old side gives up after its timeout
+/// (waiting for `RESTORED` from an older build, for `STARTED` from one with the owner word,
+/// which it then takes back) and resumes the guest.
 #[test]
-fn a_legacy_peer_that_goes_silent_times_out_and_the_guest_resumes() {
-    let mut old = Toy::new(true).with_ram(b"x");
-    let (a, b) = UnixStream::pair().unwrap();
-    let toy_build = legacy_build();
-    let peer = scripted(b, move |m, _| match m {
-        Message::Hello(_) => Some(hello(toy_build.clone())),
-        Message::Memory(_) => Some(Message::Ready.encode()),
-        // Takes the state, then says nothing until the old side gives up.
-        Message::State(_) => Some(Vec::new()),
-        _ => None,
-    });
-    let mut t = short();
-    t.restore = Duration::from_millis(300);
-    let f = update(&mut old, &Ids::new_vm().unwrap(), Target::Transfer(a), &t).unwrap_err();
-    assert!(
-        f.to_string()
-            .contains("no RESTORED from the new process within"),
-        "{f}"
-    );
-    assert_eq!((f.guest, old.pauses, old.resumes), (Guest::Running, 1, 1));
-    assert_eq!(peer.join().unwrap(), ["HELLO", "MEMORY", "STATE", "ABORT"]);
+fn a_peer_that_goes_silent_after_the_state_times_out_and_the_guest_resumes() {
+    for (build, awaited) in [
+        (legacy_build(), "RESTORED"),
+        (BuildInfo::new("toy", "1", &common::schema()), "STARTED"),
+    ] {
+        let mut old = Toy::new(true).with_ram(b"x");
+        let (a, b) = UnixStream::pair().unwrap();
+        let peer = scripted(b, move |m, _| match m {
+            Message::Hello(_) => Some(hello(build.clone())),
+            Message::Memory(_) => Some(Message::Ready.encode()),
+            // Takes the state, then says nothing until the old side gives up.
+            Message::State(_) => Some(Vec::new()),
+            _ => None,
+        });
+        let mut t = short();
+        t.restore = Duration::from_millis(200);
+        t.started = Duration::from_millis(100);
+        let f = update(&mut old, &Ids::new_vm().unwrap(), Target::Transfer(a), &t).unwrap_err();
+        let want = format!("no {awaited} from the new process within");
+        assert!(f.to_string().contains(&want), "{f}");
+        assert_eq!((f.guest, old.pauses, old.resumes), (Guest::Running, 1, 1));
+        assert_eq!(peer.join().unwrap(), ["HELLO", "MEMORY", "STATE", "ABORT"]);
+    }
 }
 
 /// The new side gives up while the COMMIT is on its way: its ABORT crosses the COMMIT,
@@ -418,32 +423,6 @@ fn builds_with_and_without_the_owner_word_transfer_both_ways() {
         assert_eq!(new.ram_bytes(10), b"guest data");
         assert_eq!((old.pauses, old.resumes, old.running), (1, 0, false));
     }
-}
-
-/// With the word, a peer that takes the state and never answers: the old side gives up
-/// after its timeout, takes the word back, and resumes the guest.
-#[test]
-fn a_peer_that_goes_silent_after_the_state_loses_the_word_and_the_guest_resumes() {
-    let mut old = Toy::new(true).with_ram(b"x");
-    let (a, b) = UnixStream::pair().unwrap();
-    let toy_build = BuildInfo::new("toy", "1", &common::schema());
-    let peer = scripted(b, move |m, _| match m {
-        Message::Hello(_) => Some(hello(toy_build.clone())),
-        Message::Memory(_) => Some(Message::Ready.encode()),
-        Message::State(_) => Some(Vec::new()),
-        _ => None,
-    });
-    let mut t = short();
-    t.restore = Duration::from_millis(200);
-    t.started = Duration::from_millis(100);
-    let f = update(&mut old, &Ids::new_vm().unwrap(), Target::Transfer(a), &t).unwrap_err();
-    assert!(
-        f.to_string()
-            .contains("no STARTED from the new process within"),
-        "{f}"
-    );
-    assert_eq!((f.guest, old.pauses, old.resumes), (Guest::Running, 1, 1));
-    assert_eq!(peer.join().unwrap(), ["HELLO", "MEMORY", "STATE", "ABORT"]);
 }
 
 /// A new side still restoring when the old side gives up: the old side has taken the word
