@@ -70,14 +70,21 @@ fn ready() -> (Channel, Channel) {
     (old, new)
 }
 
-fn bench(c: &mut Criterion) {
+/// The pause window: `STATE` and its fds, then `RESTORED` → `COMMIT` → `STARTED`; or, between
+/// builds that decide the owner with the owner word, `STARTED` right away (the claim itself
+/// is one compare-and-swap in a shared page, not a message, and is left out).
+fn window(c: &mut Criterion, name: &str, owner_word: bool) {
     let state = vec![0x5a_u8; 24 << 10];
     let reg = fds(6);
-    c.bench_function("pause_window_exchange", |b| {
+    c.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let (mut old, mut new) = ready();
+                if owner_word {
+                    old.use_owner_word();
+                    new.use_owner_word();
+                }
                 let (tx, rx) = std::sync::mpsc::channel();
                 let mut start = Instant::now();
                 std::thread::scope(|s| {
@@ -90,16 +97,20 @@ fn bench(c: &mut Criterion) {
                         assert_eq!(got.len(), 24 << 10);
                         let got = new.recv_fds(T).unwrap();
                         assert_eq!(got.len(), 6);
-                        new.send(&Message::Restored, T).unwrap();
-                        new.recv("COMMIT", T).unwrap();
+                        if !owner_word {
+                            new.send(&Message::Restored, T).unwrap();
+                            new.recv("COMMIT", T).unwrap();
+                        }
                         new.send(&Message::Started, T).unwrap();
                     });
                     rx.recv().unwrap();
                     start = Instant::now();
                     old.send(&Message::State(state.clone()), T).unwrap();
                     old.send_fds(&reg, T).unwrap();
-                    old.recv("RESTORED", T).unwrap();
-                    old.send(&Message::Commit, T).unwrap();
+                    if !owner_word {
+                        old.recv("RESTORED", T).unwrap();
+                        old.send(&Message::Commit, T).unwrap();
+                    }
                     old.recv("STARTED", T).unwrap();
                 });
                 total += start.elapsed();
@@ -109,44 +120,10 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-/// The same window between builds that decide the owner with the owner word: `STATE` and
-/// its fds, then `STARTED` (the claim itself is one compare-and-swap in a shared page, not a
-/// message, and is left out).
-fn bench_owner_word(c: &mut Criterion) {
-    let state = vec![0x5a_u8; 24 << 10];
-    let reg = fds(6);
-    c.bench_function("pause_window_exchange_owner_word", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let (mut old, mut new) = ready();
-                old.use_owner_word();
-                new.use_owner_word();
-                let (tx, rx) = std::sync::mpsc::channel();
-                let mut start = Instant::now();
-                std::thread::scope(|s| {
-                    s.spawn(move || {
-                        tx.send(()).unwrap();
-                        let Message::State(got) = new.recv("STATE", T).unwrap() else {
-                            panic!("not a STATE");
-                        };
-                        assert_eq!(got.len(), 24 << 10);
-                        let got = new.recv_fds(T).unwrap();
-                        assert_eq!(got.len(), 6);
-                        new.send(&Message::Started, T).unwrap();
-                    });
-                    rx.recv().unwrap();
-                    start = Instant::now();
-                    old.send(&Message::State(state.clone()), T).unwrap();
-                    old.send_fds(&reg, T).unwrap();
-                    old.recv("STARTED", T).unwrap();
-                });
-                total += start.elapsed();
-            }
-            total
-        })
-    });
+fn bench(c: &mut Criterion) {
+    window(c, "pause_window_exchange", false);
+    window(c, "pause_window_exchange_owner_word", true);
 }
 
-criterion_group!(benches, bench, bench_owner_word);
+criterion_group!(benches, bench);
 criterion_main!(benches);

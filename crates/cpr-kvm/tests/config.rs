@@ -13,17 +13,6 @@ use cpr_kvm::{
     VcpuConfig,
 };
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
-
-fn kvm() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            common::skipped(format!("/dev/kvm: {e}"));
-            None
-        }
-    }
-}
 
 fn leaf1(cpuid: &[CpuidEntry]) -> CpuidEntry {
     cpuid.iter().find(|e| e.function == 1).cloned().unwrap()
@@ -31,7 +20,9 @@ fn leaf1(cpuid: &[CpuidEntry]) -> CpuidEntry {
 
 #[test]
 fn a_configured_vcpu_captures_and_restores_as_an_unconfigured_one() {
-    let Some(kvm) = kvm() else { return };
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
     let caps = HostCaps::probe(&kvm).unwrap();
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
 

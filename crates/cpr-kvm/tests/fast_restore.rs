@@ -16,16 +16,6 @@ use cpr_kvm::{
 };
 use kvm_ioctls::Kvm;
 
-fn kvm() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            common::skipped(format!("/dev/kvm: {e}"));
-            None
-        }
-    }
-}
-
 /// A state as a vCPU that ran would have it: the BSP of a fresh VM, with a register set.
 fn bsp_state(kvm: &Kvm, caps: &HostCaps) -> VcpuState {
     let vm = common::bare_vm(kvm);
@@ -63,7 +53,9 @@ fn with_events(state: &VcpuState, e: &kvm_vcpu_events) -> VcpuState {
 
 #[test]
 fn registers_and_events_go_with_the_next_run_and_a_capture_sees_them() {
-    let Some(kvm) = kvm() else { return };
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
     let caps = HostCaps::probe(&kvm).unwrap();
     if !caps.sync_regs {
         common::skipped("the host does not sync registers in kvm_run");
@@ -96,7 +88,9 @@ fn registers_and_events_go_with_the_next_run_and_a_capture_sees_them() {
 
 #[test]
 fn events_the_kernel_would_refuse_are_set_by_ioctl_and_refused_before_any_run() {
-    let Some(kvm) = kvm() else { return };
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
     let caps = HostCaps::probe(&kvm).unwrap();
     let state = bsp_state(&kvm, &caps);
     let mut e = events_of(&state);
@@ -119,7 +113,9 @@ fn events_the_kernel_would_refuse_are_set_by_ioctl_and_refused_before_any_run() 
 
 #[test]
 fn an_uninitialized_vcpu_gets_its_registers_by_ioctl() {
-    let Some(kvm) = kvm() else { return };
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
     let caps = HostCaps::probe(&kvm).unwrap();
     // An AP that was never started: its KVM_RUN waits for a SIPI without applying the sync
     // area, so its registers must be set now.
@@ -149,7 +145,9 @@ fn an_uninitialized_vcpu_gets_its_registers_by_ioctl() {
 
 #[test]
 fn a_part_that_differs_from_the_initial_record_is_set() {
-    let Some(kvm) = kvm() else { return };
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
     let caps = HostCaps::probe(&kvm).unwrap();
     if !caps.debugregs {
         common::skipped("no KVM_CAP_DEBUGREGS");

@@ -78,16 +78,6 @@ fn guest_code() -> &'static [u8] {
 
 const MEM: u64 = 1 << 20;
 
-fn kvm_or_skip() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            common::skipped(format!("/dev/kvm is not usable here ({e})"));
-            None
-        }
-    }
-}
-
 fn boot(kvm: &Kvm, vcpu: &VcpuFd, ram: &GuestRam) {
     ram.memory()
         .write_slice(guest_code(), GuestAddress(0x1000))
@@ -193,7 +183,9 @@ fn restored_vcpu_finishes_like_an_uninterrupted_one() {
         println!("RESULT {}", out.result.unwrap());
         return;
     }
-    let Some(kvm) = kvm_or_skip() else { return };
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
     let caps = HostCaps::probe(&kvm).unwrap();
 
     // Reference: one uninterrupted run.

@@ -19,7 +19,7 @@ use crate::clock::{monotonic_ns, Elapsed};
 use crate::error::{hook, io, Error, Result, Step};
 use crate::handover::{Record, FD_HANDOVER, FD_OLD_MM, FD_PREVIOUS_EXE, FD_STATE};
 use crate::outgoing::{check_hello, Timeouts};
-use crate::owner::{OwnerWord, FD_OWNER_WORD, FEATURE_OWNER_WORD};
+use crate::owner::{OwnerWord, FD_OWNER_WORD};
 use crate::protocol::{Channel, Hello, Message, ProtocolError, Role, PROTOCOL_VERSION};
 use crate::section::{Ids, UpdateInfo, UpdateSection};
 use crate::{fault, Mode};
@@ -420,16 +420,15 @@ pub fn receive_transfer<V: Updatable + ?Sized>(
         let mut mem_fds = ch.recv_fds(t.write)?;
         marks.mark("memory-received");
         // Both builds decide the owner with the word: the old side sent it with the memory.
-        let word =
-            if me.has_feature(FEATURE_OWNER_WORD) && peer.build.has_feature(FEATURE_OWNER_WORD) {
-                let entry = mem_fds
-                    .take(FD_OWNER_WORD)
-                    .ok_or_else(|| Error::OwnerWord("MEMORY came without it".into()))?;
-                ch.use_owner_word();
-                Some(OwnerWord::open(entry.into_fd()).map_err(Error::OwnerWord)?)
-            } else {
-                None
-            };
+        let word = if crate::owner::agreed(&me, &peer.build) {
+            let entry = mem_fds
+                .take(FD_OWNER_WORD)
+                .ok_or_else(|| Error::OwnerWord("MEMORY came without it".into()))?;
+            ch.use_owner_word();
+            Some(OwnerWord::open(entry.into_fd()).map_err(Error::OwnerWord)?)
+        } else {
+            None
+        };
         if !me.reads.contains(&memory.state_version) {
             return Err(Error::InvalidVersion {
                 requested: memory.state_version,

@@ -20,7 +20,7 @@ use crate::clock::{monotonic_ns, StopTime};
 use crate::error::{hook, io, Error, Result, Step};
 use crate::handover::{Record, FD_HANDOVER, FD_OLD_MM, FD_PREVIOUS_EXE, FD_STATE, FEATURE_OLD_MM};
 use crate::info::{probe, BuildInfo};
-use crate::owner::{OwnerWord, FD_OWNER_WORD, FEATURE_OWNER_WORD};
+use crate::owner::{OwnerWord, FD_OWNER_WORD};
 use crate::protocol::{Channel, Hello, Memory, Message, ProtocolError, Role, PROTOCOL_VERSION};
 use crate::section::{Ids, UpdateSection};
 use crate::sys::MmHolder;
@@ -419,9 +419,7 @@ impl Ctx<'_> {
                 .map_err(hook(Step::SaveMemory))?;
             let container = saver.writer.finish()?;
             // Both builds decide the owner with the word: it goes with the memory.
-            let word = if self.me.has_feature(FEATURE_OWNER_WORD)
-                && peer.build.has_feature(FEATURE_OWNER_WORD)
-            {
+            let word = if crate::owner::agreed(self.me, &peer.build) {
                 let w = OwnerWord::create().map_err(io("create the owner word"))?;
                 let fd = w.fd().map_err(io("dup the owner word"))?;
                 mem.register(FD_OWNER_WORD, FdKind::OTHER, fd, b"")?;

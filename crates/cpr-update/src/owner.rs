@@ -28,6 +28,12 @@ pub const FEATURE_OWNER_WORD: &str = "cpr.owner-word";
 /// fd name of the owner word's memfd, sent with `MEMORY` (so the name is reserved there).
 pub const FD_OWNER_WORD: &str = "cpr.owner-word";
 
+/// Whether a transfer between builds `a` and `b` decides the owner with the word: both
+/// must announce [`FEATURE_OWNER_WORD`].
+pub(crate) fn agreed(a: &crate::BuildInfo, b: &crate::BuildInfo) -> bool {
+    a.has_feature(FEATURE_OWNER_WORD) && b.has_feature(FEATURE_OWNER_WORD)
+}
+
 /// The page's size: the memfd is exactly this long, and sealed so.
 const LEN: usize = 4096;
 /// Neither process has decided yet: the old one keeps the paused guest.

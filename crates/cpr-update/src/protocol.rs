@@ -886,6 +886,28 @@ pub fn fuzz_reader(data: &[u8]) {
 mod tests {
     use super::*;
 
+    /// The messages up to `STATE`, each with whether the old side sends it.
+    const TO_STATE: [(Kind, bool); 5] = [
+        (Kind::Hello, true),
+        (Kind::Hello, false),
+        (Kind::Memory, true),
+        (Kind::Ready, false),
+        (Kind::State, true),
+    ];
+    /// Then, without the owner word, up to the commit.
+    const TO_COMMIT: [(Kind, bool); 2] = [(Kind::Restored, false), (Kind::Commit, true)];
+
+    /// Plays `steps` (a message, whether the old side sends it) on one side's session.
+    fn play(s: &mut Session, steps: &[(Kind, bool)]) {
+        for &(kind, old_sends) in steps {
+            if old_sends == (s.role() == Role::Old) {
+                s.on_send(kind).unwrap();
+            } else {
+                s.on_receive(kind).unwrap();
+            }
+        }
+    }
+
     fn build() -> BuildInfo {
         BuildInfo {
             app: "vmm".into(),
@@ -1006,21 +1028,8 @@ mod tests {
         let mut new = Session::new(Role::New);
         old.use_owner_word();
         new.use_owner_word();
-        for (kind, old_sends) in [
-            (Kind::Hello, true),
-            (Kind::Hello, false),
-            (Kind::Memory, true),
-            (Kind::Ready, false),
-            (Kind::State, true),
-        ] {
-            let (sender, receiver) = if old_sends {
-                (&mut old, &mut new)
-            } else {
-                (&mut new, &mut old)
-            };
-            sender.on_send(kind).unwrap();
-            receiver.on_receive(kind).unwrap();
-        }
+        play(&mut old, &TO_STATE);
+        play(&mut new, &TO_STATE);
         assert!(new.on_send(Kind::Restored).is_err());
         assert!(old.on_send(Kind::Commit).is_err());
         // Either side may still abort: the word, not a message, decides from here.
@@ -1032,19 +1041,7 @@ mod tests {
         assert!(new.on_send(Kind::Abort).is_err());
         // Without the word, STARTED right after STATE is out of order.
         let mut legacy = Session::new(Role::Old);
-        for (kind, send) in [
-            (Kind::Hello, true),
-            (Kind::Hello, false),
-            (Kind::Memory, true),
-            (Kind::Ready, false),
-            (Kind::State, true),
-        ] {
-            if send {
-                legacy.on_send(kind).unwrap();
-            } else {
-                legacy.on_receive(kind).unwrap();
-            }
-        }
+        play(&mut legacy, &TO_STATE);
         assert!(legacy.on_receive(Kind::Started).is_err());
     }
 
@@ -1109,21 +1106,8 @@ mod tests {
         }
         // The new side, once committed, can neither send nor accept an ABORT.
         let mut new = Session::new(Role::New);
-        for (k, recv) in [
-            (Kind::Hello, true),
-            (Kind::Hello, false),
-            (Kind::Memory, true),
-            (Kind::Ready, false),
-            (Kind::State, true),
-            (Kind::Restored, false),
-            (Kind::Commit, true),
-        ] {
-            if recv {
-                new.on_receive(k).unwrap();
-            } else {
-                new.on_send(k).unwrap();
-            }
-        }
+        play(&mut new, &TO_STATE);
+        play(&mut new, &TO_COMMIT);
         assert!(new.on_send(Kind::Abort).is_err());
         assert!(new.on_receive(Kind::Abort).is_err());
         assert_eq!(new.owner(), Role::New);
@@ -1134,21 +1118,8 @@ mod tests {
     #[test]
     fn an_abort_crossing_the_commit_gives_the_guest_back_to_the_old_side() {
         let mut old = Session::new(Role::Old);
-        for (k, send) in [
-            (Kind::Hello, true),
-            (Kind::Hello, false),
-            (Kind::Memory, true),
-            (Kind::Ready, false),
-            (Kind::State, true),
-            (Kind::Restored, false),
-            (Kind::Commit, true),
-        ] {
-            if send {
-                old.on_send(k).unwrap();
-            } else {
-                old.on_receive(k).unwrap();
-            }
-        }
+        play(&mut old, &TO_STATE);
+        play(&mut old, &TO_COMMIT);
         assert_eq!((old.state(), old.owner()), (State::Committing, Role::New));
         assert!(old.on_send(Kind::Abort).is_err(), "it gave the guest away");
         old.on_receive(Kind::Abort).unwrap();

@@ -6,6 +6,18 @@
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
+/// `/dev/kvm`, or `None` after saying that the test skips.
+#[allow(dead_code)]
+pub fn kvm_or_skip() -> Option<Kvm> {
+    match Kvm::new() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            skipped(format!("/dev/kvm is not usable here ({e})"));
+            None
+        }
+    }
+}
+
 /// A VM with the in-kernel irqchip and PIT, as the state capture expects.
 pub fn bare_vm(kvm: &Kvm) -> VmFd {
     let vm = kvm.create_vm().unwrap();
