@@ -144,11 +144,11 @@ fn link_up(name: &str) -> std::io::Result<()> {
     ifr.ifr_name = ifreq_name(name)?;
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one ifreq, which lives for the calls.
     unsafe {
-        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) < 0 {
             return Err(os_err("SIOCGIFFLAGS"));
         }
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) < 0 {
             return Err(os_err("SIOCSIFFLAGS"));
         }
     }

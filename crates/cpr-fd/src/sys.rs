@@ -141,7 +141,8 @@ pub fn recv_fds(sock: BorrowedFd<'_>, data: &mut [u8], max_fds: usize) -> io::Re
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    // `socklen_t` on musl, `size_t` on glibc; `space` came from a u32 and fits either.
+    msg.msg_controllen = space as _;
     let len = loop {
         // SAFETY: msg points at one iovec over `data` and at `control` (`space` bytes), all
         // writable and alive for the call.
