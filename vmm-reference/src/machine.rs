@@ -79,6 +79,68 @@ struct Shared {
     last_drain_ns: AtomicU64,
     /// The devices' worker threads.
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Threads started before a pause to run device workers later (see [`Spares`]).
+    spares: Spares,
+}
+
+/// A device worker's loop, handed to a thread.
+type Work = Box<dyn FnOnce() + Send + 'static>;
+
+/// Threads started ahead, each waiting for one piece of [`Work`], so that attaching a device
+/// inside a blackout hands its worker to a running thread (a channel send, ~2 µs here)
+/// instead of creating one (~40 µs here, on the thread that restores the guest). A spare
+/// that is never given work exits when the spares are [closed](Spares::close).
+#[derive(Debug, Default)]
+struct Spares(Mutex<Vec<(std::sync::mpsc::Sender<Work>, JoinHandle<()>)>>);
+
+impl Spares {
+    /// Starts `n` more spare threads.
+    fn start(&self, n: usize) -> std::io::Result<()> {
+        for _ in 0..n {
+            let (tx, rx) = std::sync::mpsc::channel::<Work>();
+            let h = std::thread::Builder::new()
+                .name("device-worker".into())
+                .spawn(move || {
+                    if let Ok(work) = rx.recv() {
+                        work();
+                    }
+                })?;
+            lock(&self.0).push((tx, h));
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on a spare thread, or on a new one if none is left.
+    fn run(&self, work: Work) -> std::io::Result<JoinHandle<()>> {
+        let spare = lock(&self.0).pop();
+        let work = match spare {
+            Some((tx, h)) => match tx.send(work) {
+                Ok(()) => return Ok(h),
+                // The spare is gone (it cannot be, short of a panic): a new thread then.
+                Err(std::sync::mpsc::SendError(work)) => {
+                    let _ = h.join();
+                    work
+                }
+            },
+            None => work,
+        };
+        std::thread::Builder::new()
+            .name("device-worker".into())
+            .spawn(work)
+    }
+
+    /// Ends the spares not given work, and waits for them.
+    fn close(&self) {
+        let spares = std::mem::take(&mut *lock(&self.0));
+        for (tx, h) in spares {
+            drop(tx);
+            let _ = h.join();
+        }
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.0).len()
+    }
 }
 
 impl Shared {
@@ -364,6 +426,7 @@ impl Machine {
                 net: std::sync::OnceLock::new(),
                 last_drain_ns: AtomicU64::new(0),
                 workers: Mutex::new(Vec::new()),
+                spares: Spares::default(),
             }),
             events,
             threads: Vec::new(),
@@ -691,7 +754,11 @@ impl Machine {
             return Err(Error::State("a disk is attached already".into()));
         }
         blk.set_irq(self.irq_line(BLK_GSI)?);
-        let worker = blk.spawn_worker();
+        let worker = self
+            .shared
+            .spares
+            .run(blk.worker())
+            .map_err(|e| Error::Io(format!("start the virtio-blk worker: {e}")))?;
         let _ = self.shared.blk.set(blk);
         lock(&self.shared.workers).push(worker);
         Ok(())
@@ -704,7 +771,11 @@ impl Machine {
             return Err(Error::State("a network device is attached already".into()));
         }
         net.set_irq(self.irq_line(NET_GSI)?);
-        let worker = net.spawn_worker();
+        let worker = self
+            .shared
+            .spares
+            .run(net.worker())
+            .map_err(|e| Error::Io(format!("start the virtio-net worker: {e}")))?;
         let _ = self.shared.net.set(net);
         lock(&self.shared.workers).push(worker);
         Ok(())
@@ -732,6 +803,29 @@ impl Machine {
         for t in lock(&self.shared.workers).drain(..) {
             let _ = t.join();
         }
+        self.shared.spares.close();
+    }
+
+    /// Starts a thread for each device worker a restore may attach ([`attach_blk`],
+    /// [`attach_net`]: one each), for a VM built before the pause (a transfer's new side):
+    /// attaching then hands the worker to a running thread instead of creating one inside
+    /// the blackout. Threads not used end with the machine.
+    ///
+    /// [`attach_blk`]: Self::attach_blk
+    /// [`attach_net`]: Self::attach_net
+    pub fn start_spare_workers(&self) -> Result<()> {
+        const DEVICE_KINDS: usize = 2;
+        let have = self.shared.spares.len();
+        self.shared
+            .spares
+            .start(DEVICE_KINDS.saturating_sub(have))
+            .map_err(|e| Error::Io(format!("start a spare device worker: {e}")))
+    }
+
+    /// Ends the spare threads [`start_spare_workers`](Self::start_spare_workers) started
+    /// that no device took (after a restore, outside the blackout).
+    pub fn close_spare_workers(&self) {
+        self.shared.spares.close();
     }
 
     /// Lets paused vCPUs run again.
@@ -1124,5 +1218,50 @@ fn vcpu_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// The id of the thread `spares` runs a piece of work on.
+    fn run_on(spares: &Spares) -> (std::thread::ThreadId, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        let h = spares
+            .run(Box::new(move || {
+                tx.send(std::thread::current().id()).unwrap();
+            }))
+            .unwrap();
+        let id = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        (id, h)
+    }
+
+    #[test]
+    fn spare_threads_take_work_and_the_rest_end_when_closed() {
+        let spares = Spares::default();
+        spares.start(2).unwrap();
+        let started: Vec<_> = lock(&spares.0)
+            .iter()
+            .map(|(_, h)| h.thread().id())
+            .collect();
+        assert_eq!(started.len(), 2);
+
+        // Work goes to a thread that was already running, and its handle is that thread's.
+        let (id, h) = run_on(&spares);
+        assert!(started.contains(&id));
+        assert_eq!(h.thread().id(), id);
+        h.join().unwrap();
+        assert_eq!(spares.len(), 1);
+
+        // Closing ends the one left without work (join returns).
+        spares.close();
+        assert_eq!(spares.len(), 0);
+
+        // With none left, work gets a new thread.
+        let (id, h) = run_on(&spares);
+        assert!(!started.contains(&id));
+        h.join().unwrap();
     }
 }

@@ -611,6 +611,7 @@ impl Vmm {
         self.migration_arrived(blackout.map(|us| us / 1000), r.fallback.as_deref());
         if let Some(m) = &self.machine {
             m.serial.start_input();
+            m.close_spare_workers();
         }
         let reply = self.arrived.reply.take();
         let carried = self.arrived.monitor.take();
@@ -932,6 +933,7 @@ impl Updatable for Vmm {
         // inside the blackout as the restore then saves).
         if input.mode() == Mode::Transfer {
             machine.read_initial_vcpu_state()?;
+            machine.start_spare_workers()?;
         }
         machine.spawn_at_gate(input.mode() == Mode::Transfer)?;
         input.mark("vm-created");

@@ -266,10 +266,15 @@ impl Blk {
         S_OK
     }
 
-    /// Starts the worker.
+    /// Starts the worker on a new thread.
     pub fn spawn_worker(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(self.worker())
+    }
+
+    /// The worker's loop, for a thread of its own.
+    pub fn worker(self: &Arc<Self>) -> Box<dyn FnOnce() + Send + 'static> {
         let b = self.clone();
-        std::thread::spawn(move || {
+        Box::new(move || {
             let wait = || {
                 crate::vmm::wait_readable(b.worker.wake_fd(), Duration::from_millis(50));
                 b.worker.take_wake();

@@ -505,10 +505,15 @@ impl Net {
         total
     }
 
-    /// Starts the worker.
+    /// Starts the worker on a new thread.
     pub fn spawn_worker(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(self.worker())
+    }
+
+    /// The worker's loop, for a thread of its own.
+    pub fn worker(self: &Arc<Self>) -> Box<dyn FnOnce() + Send + 'static> {
         let n = self.clone();
-        std::thread::spawn(move || {
+        Box::new(move || {
             let wait = || {
                 let starved = lock(&n.regs).starved;
                 let mut fds = [
