@@ -729,13 +729,25 @@ mod qemu {
                 }
                 oq.execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
                     .expect("mode");
-                oq.execute(
-                    "migrate",
-                    json!({"channels": [
-                        {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
-                        {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}}]}),
-                )
-                .expect("migrate");
+                // The socket's file exists from its bind; until the new QEMU listens, a
+                // connect is refused and the migration fails before it stops anything.
+                loop {
+                    match oq.execute(
+                        "migrate",
+                        json!({"channels": [
+                            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
+                            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}}]}),
+                    ) {
+                        Ok(_) => break,
+                        Err(e)
+                            if format!("{e:?}").contains("Connection refused")
+                                && Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("migrate: {e:?}"),
+                    }
+                }
                 let stop = oq
                     .wait_event("STOP", Duration::from_secs(60))
                     .expect("STOP");
