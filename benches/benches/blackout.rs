@@ -617,13 +617,39 @@ mod qemu {
         })
     }
 
+    /// A QEMU process, killed and reaped when dropped: a failed measurement (a panic) leaves
+    /// no QEMU running.
+    struct Reaped(Child);
+
+    impl std::ops::Deref for Reaped {
+        type Target = Child;
+        fn deref(&self) -> &Child {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for Reaped {
+        fn deref_mut(&mut self) -> &mut Child {
+            &mut self.0
+        }
+    }
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+
     fn start(
         qemu: &Path,
         dir: &Path,
         tag: &str,
         memory: &[String],
         extra: &[String],
-    ) -> (Child, QmpClient) {
+    ) -> (Reaped, QmpClient) {
         let sock = dir.join(format!("{tag}.qmp"));
         let log = std::fs::File::create(dir.join(format!("{tag}.log"))).expect("log");
         let mut args: Vec<String> = vec![
@@ -646,6 +672,7 @@ mod qemu {
             .stderr(log)
             .spawn()
             .expect("start QEMU");
+        let child = Reaped(child);
         let q = QmpClient::connect(&sock, Duration::from_secs(120)).expect("QEMU's QMP");
         (child, q)
     }
@@ -716,13 +743,15 @@ mod qemu {
                 ];
                 args.extend(memory.iter().cloned());
                 args.extend(incoming);
-                let mut new = Command::new(&qemu)
-                    .args(&args)
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().expect("log"))
-                    .stderr(log)
-                    .spawn()
-                    .expect("start the new QEMU");
+                let mut new = Reaped(
+                    Command::new(&qemu)
+                        .args(&args)
+                        .stdin(Stdio::null())
+                        .stdout(log.try_clone().expect("log"))
+                        .stderr(log)
+                        .spawn()
+                        .expect("start the new QEMU"),
+                );
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !cpr.exists() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
