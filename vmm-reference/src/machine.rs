@@ -809,7 +809,8 @@ impl Machine {
     /// Starts a thread for each device worker a restore may attach ([`attach_blk`],
     /// [`attach_net`]: one each), for a VM built before the pause (a transfer's new side):
     /// attaching then hands the worker to a running thread instead of creating one inside
-    /// the blackout. Threads not used end with the machine.
+    /// the blackout. Threads not used end at
+    /// [`close_spare_workers`](Self::close_spare_workers), or with the machine.
     ///
     /// [`attach_blk`]: Self::attach_blk
     /// [`attach_net`]: Self::attach_net

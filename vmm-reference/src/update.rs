@@ -611,7 +611,6 @@ impl Vmm {
         self.migration_arrived(blackout.map(|us| us / 1000), r.fallback.as_deref());
         if let Some(m) = &self.machine {
             m.serial.start_input();
-            m.close_spare_workers();
         }
         let reply = self.arrived.reply.take();
         let carried = self.arrived.monitor.take();
@@ -633,6 +632,10 @@ impl Vmm {
             // answer to `cpr-save`.
             m.start();
             m.flush_for(Duration::ZERO);
+        }
+        // After the answer: joining the unused spares waits for their threads to wake.
+        if let Some(m) = &self.machine {
+            m.close_spare_workers();
         }
         if let Some(old_vm) = self.arrived.retired_vm.take() {
             // The guest runs again: now let KVM tear the old VM down, off the control loop.
