@@ -29,12 +29,12 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_reference::demo::{
-    spawn_in, spawn_transfer_target_with, wait_exit, wait_progress, Status, Vm,
+    spawn_in, spawn_transfer_target_with, wait_exit, wait_progress, Process, Status, Vm,
 };
 use vmm_reference::netlab::{EchoPeer, NetNs};
 use vmm_reference::qmp_client::QmpClient;
@@ -617,39 +617,13 @@ mod qemu {
         })
     }
 
-    /// A QEMU process, killed and reaped when dropped: a failed measurement (a panic) leaves
-    /// no QEMU running.
-    struct Reaped(Child);
-
-    impl std::ops::Deref for Reaped {
-        type Target = Child;
-        fn deref(&self) -> &Child {
-            &self.0
-        }
-    }
-
-    impl std::ops::DerefMut for Reaped {
-        fn deref_mut(&mut self) -> &mut Child {
-            &mut self.0
-        }
-    }
-
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-
     fn start(
         qemu: &Path,
         dir: &Path,
         tag: &str,
         memory: &[String],
         extra: &[String],
-    ) -> (Reaped, QmpClient) {
+    ) -> (Process, QmpClient) {
         let sock = dir.join(format!("{tag}.qmp"));
         let log = std::fs::File::create(dir.join(format!("{tag}.log"))).expect("log");
         let mut args: Vec<String> = vec![
@@ -672,7 +646,7 @@ mod qemu {
             .stderr(log)
             .spawn()
             .expect("start QEMU");
-        let child = Reaped(child);
+        let child = Process(child);
         let q = QmpClient::connect(&sock, Duration::from_secs(120)).expect("QEMU's QMP");
         (child, q)
     }
@@ -743,7 +717,7 @@ mod qemu {
                 ];
                 args.extend(memory.iter().cloned());
                 args.extend(incoming);
-                let mut new = Reaped(
+                let mut new = Process(
                     Command::new(&qemu)
                         .args(&args)
                         .stdin(Stdio::null())

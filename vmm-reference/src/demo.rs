@@ -299,8 +299,9 @@ pub fn spawn_in(
     Ok(Vm { child, qmp })
 }
 
-/// A VMM process that is killed (and reaped) when dropped while still running, so a failed
-/// check never leaves one behind running a guest.
+/// A child process (a VMM; in the blackout benchmark also a QEMU) that is killed and reaped
+/// when dropped while still running, so a failed check never leaves one behind running a
+/// guest.
 #[derive(Debug)]
 pub struct Process(pub Child);
 
