@@ -5,6 +5,7 @@
 
 pub(crate) mod capture;
 pub(crate) mod error;
+pub(crate) mod irq;
 pub mod run;
 pub(crate) mod state;
 
@@ -19,6 +20,7 @@ pub use capture::{
     VcpuConfig, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE,
 };
 pub use error::{Error, Result};
+pub use irq::reconcile_ioapic;
 pub use run::{complete_pending_io, monotonic_ns};
 pub use state::{blank_states, CpuidEntry, FpuState, VcpuState, VmState, MAX_MSRS};
 
