@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use cpr_kvm::run::{arm_kick, install_kick_handler, kick, prefault_thread, PauseControl, Resume};
 use cpr_kvm::{
-    capture_vm, complete_and_capture, monotonic_ns, restore_vcpu_fast, restore_vm, ClockPolicy,
-    HostCaps, VcpuConfig, VcpuState, VmState,
+    capture_vm, complete_and_capture, monotonic_ns, reconcile_ioapic, restore_vcpu_fast,
+    restore_vm, ClockPolicy, HostCaps, VcpuConfig, VcpuState, VmState,
 };
 use cpr_memory::{BackendKind, GuestRam};
 use kvm_bindings::{
@@ -588,6 +588,12 @@ impl Machine {
         }
         refused.sort_unstable();
         refused.dedup();
+        drop(s);
+        // Every LAPIC is set: a device's interrupt (one due from before the update, or one
+        // its worker made since it was attached) now reaches a LAPIC that keeps it.
+        for d in self.shared.devices() {
+            d.release_irq();
+        }
         Ok(refused)
     }
 
@@ -753,6 +759,10 @@ impl Machine {
         if self.shared.blk.get().is_some() {
             return Err(Error::State("a disk is attached already".into()));
         }
+        if self.restoring {
+            // Until the vCPUs' LAPICs are set: see `end_restore`.
+            MmioDevice::hold_irq(&*blk);
+        }
         blk.set_irq(self.irq_line(BLK_GSI)?);
         let worker = self
             .shared
@@ -769,6 +779,10 @@ impl Machine {
     pub fn attach_net(&self, net: Arc<Net>) -> Result<()> {
         if self.shared.net.get().is_some() {
             return Err(Error::State("a network device is attached already".into()));
+        }
+        if self.restoring {
+            // Until the vCPUs' LAPICs are set: see `end_restore`.
+            MmioDevice::hold_irq(&*net);
         }
         net.set_irq(self.irq_line(NET_GSI)?);
         let worker = self
@@ -874,7 +888,7 @@ impl Machine {
     /// this pause, and taken: moved, not copied into fresh memory inside the blackout; the
     /// next pause captures again).
     pub fn capture(&self) -> Result<(VmState, Vec<VcpuState>)> {
-        let vm = capture_vm(&self.vm, true)?;
+        let mut vm = capture_vm(&self.vm, true)?;
         let mut states = self.shared.states.lock().unwrap_or_else(|p| p.into_inner());
         let vcpus = states
             .iter_mut()
@@ -885,6 +899,15 @@ impl Machine {
                 None => Err(Error::State(format!("vCPU {i} has not been captured"))),
             })
             .collect::<Result<Vec<_>>>()?;
+        drop(states);
+        // An interrupt delivered after a vCPU thread captured its LAPIC is in the IOAPIC
+        // captured just now and in no saved LAPIC; a level-triggered pin would stay blocked.
+        let cleared = reconcile_ioapic(&mut vm, &vcpus)?;
+        if !cleared.is_empty() {
+            log::debug!(
+                "IOAPIC pins whose interrupt no LAPIC held (remote IRR cleared): {cleared:?}"
+            );
+        }
         Ok((vm, vcpus))
     }
 
@@ -1264,5 +1287,104 @@ mod tests {
         let (id, h) = run_on(&spares);
         assert!(!started.contains(&id));
         h.join().unwrap();
+    }
+}
+
+/// A device attached while the vCPUs are being restored raises a due interrupt only once
+/// their LAPICs are set: raised before, it would land in a LAPIC that `KVM_SET_LAPIC` then
+/// overwrites, and the guest would never see it.
+#[cfg(test)]
+mod irq_tests {
+    use super::*;
+    use cpr_memory::RegionSpec;
+    use std::io::Write as _;
+
+    const VECTOR: u8 = 0x45;
+
+    /// The saved IOAPIC's pin `gsi`: edge, unmasked, vector 0x45, physical APIC id 0.
+    fn route(vm: &mut VmState, gsi: u32) {
+        let at = 32 + gsi as usize * 8;
+        vm.ioapic.0[at..at + 8].copy_from_slice(&u64::from(VECTOR).to_ne_bytes());
+    }
+
+    fn requested(vcpu: &VcpuFd) -> bool {
+        let regs: Vec<u8> = vcpu
+            .get_lapic()
+            .unwrap()
+            .regs
+            .iter()
+            .map(|&b| b as u8)
+            .collect();
+        let at = 0x200 + usize::from(VECTOR / 32) * 0x10;
+        u32::from_le_bytes(regs[at..at + 4].try_into().unwrap()) & (1 << (VECTOR % 32)) != 0
+    }
+
+    #[test]
+    fn a_due_device_interrupt_reaches_the_restored_lapic() {
+        if let Err(e) = Kvm::new() {
+            crate::demo::skipped(format!("/dev/kvm is not usable here ({e})"));
+            return;
+        }
+        let ram = || {
+            GuestRam::builder()
+                .region(RegionSpec::memfd("irq-test", 0, 1 << 20))
+                .build()
+                .unwrap()
+        };
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let events = || Events {
+            tx: tx.clone(),
+            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        };
+        let serial = |irq| {
+            SerialDevice::new(
+                &crate::serial::SerialConfig::Null,
+                None,
+                irq,
+                crate::unix::Access::OWNER,
+            )
+        };
+
+        // A state to restore: a booted vCPU's, its LAPIC software-enabled, the disk's pin
+        // routed to it.
+        let src = Machine::create(ram(), 1, events(), true, serial, &mut |_| {}).unwrap();
+        let caps = cpr_kvm::HostCaps::probe(&Kvm::new().unwrap()).unwrap();
+        let (mut vm_state, vcpu) = {
+            let v = lock(&src.vcpus[0]);
+            let mut lapic = v.fd.get_lapic().unwrap();
+            lapic.regs[0xf0] = 0xff_u8 as std::os::raw::c_char;
+            lapic.regs[0xf1] = 0x01;
+            v.fd.set_lapic(&lapic).unwrap();
+            let (s, _) = cpr_kvm::capture_vcpu(&v.fd, 0, &caps).unwrap();
+            (capture_vm(&src.vm, true).unwrap(), s)
+        };
+        route(&mut vm_state, BLK_GSI);
+        drop(src);
+
+        // A disk whose driver had not acknowledged a used buffer when it was saved.
+        let mut image = tempfile::tempfile().unwrap();
+        image.write_all(&[0u8; 4096]).unwrap();
+        let m = ram();
+        let blk = Blk::new(image.try_clone().unwrap(), false, m.memory().clone()).unwrap();
+        let mut saved = blk.save().unwrap();
+        drop(blk);
+        saved.interrupt_status = 1;
+
+        let mut new = Machine::create(m, 1, events(), true, serial, &mut |_| {}).unwrap();
+        new.begin_restore(&vm_state, vec![vcpu], ClockPolicy::Frozen, 0)
+            .unwrap();
+        let blk = Blk::restore(&saved, image, new.ram.memory().clone()).unwrap();
+        new.attach_blk(blk).unwrap();
+        new.end_restore().unwrap();
+
+        // KVM injects an irqfd's interrupt from a kernel worker: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !requested(&lock(&new.vcpus[0]).fd) {
+            assert!(
+                Instant::now() < deadline,
+                "the disk's due interrupt never reached the restored LAPIC"
+            );
+            std::thread::yield_now();
+        }
     }
 }

@@ -971,11 +971,13 @@ impl Updatable for Vmm {
             GuestClock::Frozen => (ClockPolicy::Frozen, 0),
             GuestClock::Advance => (ClockPolicy::Advance, input.elapsed().ns().unwrap_or(0)),
         };
-        // The vCPU threads restore their state while this thread restores the devices. A
-        // device that re-raises its interrupt line as it is restored (the UART does, for a
-        // pending THR/RDA interrupt) may now do so after a vCPU's LAPIC was set, and the guest
-        // then sees that interrupt once more: a spurious interrupt, which drivers ignore.
-        // Nothing pending is lost: the saved irqchip and LAPIC states carry it.
+        // The vCPU threads restore their state while this thread restores the devices. The
+        // virtio devices hold their interrupt lines until every LAPIC is set (`end_restore`
+        // releases them), so that no interrupt lands in a LAPIC that `KVM_SET_LAPIC` then
+        // overwrites. The UART re-raises a pending THR/RDA interrupt as it is restored; on
+        // its edge-triggered line a copy overwritten that way is one the saved irqchip and
+        // LAPIC already carry, and a copy that survives is a spurious interrupt, which
+        // drivers ignore.
         self.machine
             .as_mut()
             .ok_or("no VM")?

@@ -413,6 +413,12 @@ impl MmioDevice for Blk {
     fn set_irq(&self, irq: EventFd) {
         Blk::set_irq(self, irq)
     }
+    fn hold_irq(&self) {
+        lock(&self.regs).t.hold_irq();
+    }
+    fn release_irq(&self) {
+        lock(&self.regs).t.release_irq();
+    }
 }
 
 impl Drop for Blk {

@@ -13,8 +13,10 @@
 //! interrupt status and signals the device's interrupt eventfd, which the machine
 //! registers with KVM as an irqfd on the device's GSI. The interrupt status is saved; a
 //! restored device whose status still had a notification the driver had not acknowledged
-//! signals its new line as soon as it has one ([`Transport::set_irq`]), so an interrupt
-//! that was due before the update is delivered after it.
+//! signals its new line as soon as it has one ([`Transport::set_irq`]), or, when the
+//! machine holds the line while it restores the vCPUs, when it releases it
+//! ([`Transport::release_irq`]), so an interrupt that was due before the update is
+//! delivered after it.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +93,9 @@ pub struct Transport {
     interrupt_status: u32,
     queues: Vec<Queue>,
     irq: Option<EventFd>,
+    /// Set between [`hold_irq`](Transport::hold_irq) and
+    /// [`release_irq`](Transport::release_irq): notifications only set the status.
+    irq_held: bool,
 }
 
 fn le32(data: &[u8]) -> u32 {
@@ -119,6 +124,7 @@ impl Transport {
             interrupt_status: 0,
             queues,
             irq: None,
+            irq_held: false,
         })
     }
 
@@ -237,9 +243,16 @@ impl Transport {
         self.queues.get(i)
     }
 
-    /// A used buffer was added: set the interrupt status and raise the line.
+    /// A used buffer was added: set the interrupt status and raise the line (unless it is
+    /// held).
     pub fn signal_used(&mut self) {
         self.interrupt_status |= INT_USED_RING;
+        if !self.irq_held {
+            self.raise();
+        }
+    }
+
+    fn raise(&self) {
         if let Some(irq) = &self.irq {
             let _ = irq.write(1);
         }
@@ -251,12 +264,29 @@ impl Transport {
     }
 
     /// The device's interrupt line (an irqfd). Raises it at once if a notification is
-    /// still pending, as after a restore.
+    /// still pending, as after a restore, unless the line is held.
     pub fn set_irq(&mut self, irq: EventFd) {
-        if self.interrupt_status != 0 {
-            let _ = irq.write(1);
-        }
         self.irq = Some(irq);
+        if self.interrupt_status != 0 && !self.irq_held {
+            self.raise();
+        }
+    }
+
+    /// Holds the line: until [`release_irq`](Self::release_irq), a notification sets the
+    /// interrupt status and nothing more. A restore holds it while the vCPUs' LAPICs are
+    /// being set: an interrupt delivered to a LAPIC before its `KVM_SET_LAPIC` would be
+    /// overwritten, and on a level-triggered pin would leave the IOAPIC's remote IRR set
+    /// with no vector to EOI.
+    pub fn hold_irq(&mut self) {
+        self.irq_held = true;
+    }
+
+    /// Ends a [`hold_irq`](Self::hold_irq): raises the line if a notification is pending
+    /// (one from before the update, or one made while held). Does nothing if not held.
+    pub fn release_irq(&mut self) {
+        if std::mem::take(&mut self.irq_held) && self.interrupt_status != 0 {
+            self.raise();
+        }
     }
 
     /// The registers, to save (the device is paused).
@@ -520,6 +550,10 @@ pub trait MmioDevice: Send + Sync {
     fn stop(&self);
     /// Gives the device its interrupt line.
     fn set_irq(&self, irq: EventFd);
+    /// [`Transport::hold_irq`].
+    fn hold_irq(&self);
+    /// [`Transport::release_irq`].
+    fn release_irq(&self);
 }
 
 #[cfg(test)]
@@ -633,6 +667,38 @@ mod tests {
         let third = EventFd::new(EFD_NONBLOCK).unwrap();
         again.set_irq(third.try_clone().unwrap());
         assert!(third.read().is_err());
+    }
+
+    #[test]
+    fn a_held_line_is_raised_only_when_released() {
+        let m = mem();
+        let mut t = Transport::new(2, F_VERSION_1, 1, 16).unwrap();
+        set_up(&mut t, 1);
+        t.signal_used();
+        let s = t.save();
+
+        // A restore with a notification due, the line held while the vCPUs are restored.
+        let mut back = Transport::new(2, F_VERSION_1, 1, 16).unwrap();
+        back.restore(&s, &m).unwrap();
+        back.hold_irq();
+        let line = EventFd::new(EFD_NONBLOCK).unwrap();
+        back.set_irq(line.try_clone().unwrap());
+        assert!(line.read().is_err(), "held: the due interrupt waits");
+        back.signal_used();
+        assert!(line.read().is_err(), "held: a new notification waits too");
+        assert_eq!(back.interrupt_status(), 1, "but the status says it");
+        back.release_irq();
+        assert_eq!(line.read().unwrap(), 1, "released: raised once");
+        back.release_irq();
+        assert!(line.read().is_err(), "a second release raises nothing");
+        back.signal_used();
+        assert_eq!(line.read().unwrap(), 1, "no longer held");
+
+        // Held with nothing pending: the release raises nothing.
+        back.write(0x64, &1u32.to_le_bytes());
+        back.hold_irq();
+        back.release_irq();
+        assert!(line.read().is_err());
     }
 
     #[test]

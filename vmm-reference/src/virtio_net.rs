@@ -720,6 +720,12 @@ impl MmioDevice for Net {
     fn set_irq(&self, irq: EventFd) {
         Net::set_irq(self, irq)
     }
+    fn hold_irq(&self) {
+        lock(&self.regs).t.hold_irq();
+    }
+    fn release_irq(&self) {
+        lock(&self.regs).t.release_irq();
+    }
 }
 
 impl Drop for Net {
