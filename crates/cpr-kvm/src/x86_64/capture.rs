@@ -583,6 +583,10 @@ fn set_chip(vm: &VmFd, blob: &Blob, chip_id: u32, what: &'static str) -> Result<
 
 /// Captures the in-kernel irqchip (PIC master, PIC slave, IOAPIC), the PIT (if `has_pit`),
 /// and kvmclock.
+///
+/// A VMM that captures its vCPUs first (on their threads) and devices may still raise
+/// interrupts meanwhile should pass this state and the vCPUs' through
+/// [`reconcile_ioapic`](crate::reconcile_ioapic) before saving them.
 pub fn capture_vm(vm: &VmFd, has_pit: bool) -> Result<VmState> {
     Ok(VmState {
         pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
@@ -598,7 +602,9 @@ pub fn capture_vm(vm: &VmFd, has_pit: bool) -> Result<VmState> {
 }
 
 /// Restores VM-wide state into a fresh VM that already has its in-kernel irqchip (and PIT,
-/// if one was saved). Call it before restoring the vCPUs. `elapsed_ns` (host time since
+/// if one was saved). Call it before restoring the vCPUs, and let no device raise an
+/// interrupt into the VM until every vCPU is restored: one delivered to a LAPIC before
+/// `KVM_SET_LAPIC` is overwritten by it. `elapsed_ns` (host time since
 /// capture) is used by [`ClockPolicy::Advance`] when the host did not record real time with
 /// the clock.
 pub fn restore_vm(vm: &VmFd, state: &VmState, policy: ClockPolicy, elapsed_ns: u64) -> Result<()> {
