@@ -98,8 +98,14 @@ impl Updatable for Embed {
         let count = self.count();
         let (vm, vcpu) = self.vm.as_mut().ok_or("no VM")?;
         let caps = cpr_kvm::HostCaps::probe(&Kvm::new()?)?;
-        out.write(0, &cpr_kvm::complete_and_capture(vcpu, 0, &caps, &Default::default())?.0)?;
-        out.write(0, &cpr_kvm::capture_vm(vm, false)?)?;
+        let (cpu, _) = cpr_kvm::complete_and_capture(vcpu, 0, &caps, &Default::default())?;
+        let mut chips = cpr_kvm::capture_vm(vm, false)?;
+        // vCPUs first, then the VM: an interrupt a device delivers in between can leave a
+        // level-triggered IOAPIC pin waiting for an EOI no saved LAPIC will send. This VMM
+        // has no devices, but one that has must repair the state before it saves it.
+        cpr_kvm::reconcile_ioapic(&mut chips, std::slice::from_ref(&cpu))?;
+        out.write(0, &cpu)?;
+        out.write(0, &chips)?;
         Ok(out.write(0, &AtPause { count })?)
     }
     fn prepare(&mut self, input: &mut Loader<'_, '_>) -> Result<(), BoxError> {
