@@ -594,6 +594,7 @@ impl Machine {
         for d in self.shared.devices() {
             d.release_irq();
         }
+        self.serial.release_irq()?;
         Ok(refused)
     }
 
@@ -1297,6 +1298,7 @@ mod tests {
 mod irq_tests {
     use super::*;
     use cpr_memory::RegionSpec;
+    use cpr_snapshot::Persist as _;
     use std::io::Write as _;
 
     const VECTOR: u8 = 0x45;
@@ -1319,48 +1321,68 @@ mod irq_tests {
         u32::from_le_bytes(regs[at..at + 4].try_into().unwrap()) & (1 << (VECTOR % 32)) != 0
     }
 
-    #[test]
-    fn a_due_device_interrupt_reaches_the_restored_lapic() {
+    fn ram() -> GuestRam {
+        GuestRam::builder()
+            .region(RegionSpec::memfd("irq-test", 0, 1 << 20))
+            .build()
+            .unwrap()
+    }
+
+    fn events() -> Events {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        Events {
+            tx,
+            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        }
+    }
+
+    fn null_serial(irq: EventFd) -> Result<SerialDevice> {
+        SerialDevice::new(
+            &crate::serial::SerialConfig::Null,
+            None,
+            irq,
+            crate::unix::Access::OWNER,
+        )
+    }
+
+    /// A state to restore: a booted vCPU's, its LAPIC software-enabled, pin `gsi` routed to
+    /// it. `None` (the test skips, saying so) without a usable /dev/kvm.
+    fn saved(gsi: u32) -> Option<(VmState, VcpuState)> {
         if let Err(e) = Kvm::new() {
             crate::demo::skipped(format!("/dev/kvm is not usable here ({e})"));
-            return;
+            return None;
         }
-        let ram = || {
-            GuestRam::builder()
-                .region(RegionSpec::memfd("irq-test", 0, 1 << 20))
-                .build()
-                .unwrap()
-        };
-        let (tx, _rx) = std::sync::mpsc::channel();
-        let events = || Events {
-            tx: tx.clone(),
-            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-        };
-        let serial = |irq| {
-            SerialDevice::new(
-                &crate::serial::SerialConfig::Null,
-                None,
-                irq,
-                crate::unix::Access::OWNER,
-            )
-        };
-
-        // A state to restore: a booted vCPU's, its LAPIC software-enabled, the disk's pin
-        // routed to it.
-        let src = Machine::create(ram(), 1, events(), true, serial, &mut |_| {}).unwrap();
+        let src = Machine::create(ram(), 1, events(), true, null_serial, &mut |_| {}).unwrap();
         let caps = cpr_kvm::HostCaps::probe(&Kvm::new().unwrap()).unwrap();
-        let (mut vm_state, vcpu) = {
-            let v = lock(&src.vcpus[0]);
-            let mut lapic = v.fd.get_lapic().unwrap();
-            lapic.regs[0xf0] = 0xff_u8 as std::os::raw::c_char;
-            lapic.regs[0xf1] = 0x01;
-            v.fd.set_lapic(&lapic).unwrap();
-            let (s, _) = cpr_kvm::capture_vcpu(&v.fd, 0, &caps).unwrap();
-            (capture_vm(&src.vm, true).unwrap(), s)
-        };
-        route(&mut vm_state, BLK_GSI);
-        drop(src);
+        let v = lock(&src.vcpus[0]);
+        let mut lapic = v.fd.get_lapic().unwrap();
+        lapic.regs[0xf0] = 0xff_u8 as std::os::raw::c_char;
+        lapic.regs[0xf1] = 0x01;
+        v.fd.set_lapic(&lapic).unwrap();
+        let (vcpu, _) = cpr_kvm::capture_vcpu(&v.fd, 0, &caps).unwrap();
+        let mut vm = capture_vm(&src.vm, true).unwrap();
+        route(&mut vm, gsi);
+        Some((vm, vcpu))
+    }
 
+    /// Waits (KVM injects an irqfd's interrupt from a kernel worker) for the vector to reach
+    /// the restored LAPIC.
+    fn wait_requested(m: &Machine, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !requested(&lock(&m.vcpus[0]).fd) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}'s due interrupt never reached the restored LAPIC"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_due_device_interrupt_reaches_the_restored_lapic() {
+        let Some((vm_state, vcpu)) = saved(BLK_GSI) else {
+            return;
+        };
         // A disk whose driver had not acknowledged a used buffer when it was saved.
         let mut image = tempfile::tempfile().unwrap();
         image.write_all(&[0u8; 4096]).unwrap();
@@ -1370,21 +1392,42 @@ mod irq_tests {
         drop(blk);
         saved.interrupt_status = 1;
 
-        let mut new = Machine::create(m, 1, events(), true, serial, &mut |_| {}).unwrap();
+        let mut new = Machine::create(m, 1, events(), true, null_serial, &mut |_| {}).unwrap();
         new.begin_restore(&vm_state, vec![vcpu], ClockPolicy::Frozen, 0)
             .unwrap();
         let blk = Blk::restore(&saved, image, new.ram.memory().clone()).unwrap();
         new.attach_blk(blk).unwrap();
         new.end_restore().unwrap();
+        wait_requested(&new, "the disk");
+    }
 
-        // KVM injects an irqfd's interrupt from a kernel worker: wait for it.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !requested(&lock(&new.vcpus[0]).fd) {
-            assert!(
-                Instant::now() < deadline,
-                "the disk's due interrupt never reached the restored LAPIC"
-            );
-            std::thread::yield_now();
-        }
+    #[test]
+    fn a_due_uart_interrupt_reaches_the_restored_lapic() {
+        let Some((vm_state, vcpu)) = saved(COM1_IRQ) else {
+            return;
+        };
+        // A UART whose transmit-empty interrupt was enabled and pending (IER bit 1; IIR
+        // 0x02, the driver had not read it) when it was saved.
+        let mut state = null_serial(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .unwrap()
+            .state();
+        state.interrupt_enable = 0x02;
+        state.interrupt_identification = 0x02;
+
+        let mut new = Machine::create(ram(), 1, events(), true, null_serial, &mut |_| {}).unwrap();
+        new.begin_restore(&vm_state, vec![vcpu], ClockPolicy::Frozen, 0)
+            .unwrap();
+        new.replace_serial(|irq| {
+            let args = crate::serial::SerialArgs {
+                config: &crate::serial::SerialConfig::Null,
+                fds: None,
+                irq,
+                access: crate::unix::Access::OWNER,
+            };
+            SerialDevice::restore(args, &state)
+        })
+        .unwrap();
+        new.end_restore().unwrap();
+        wait_requested(&new, "the UART");
     }
 }

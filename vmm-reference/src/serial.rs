@@ -163,14 +163,31 @@ pub fn check_state(s: &SerialSection) -> Result<()> {
     Ok(())
 }
 
-/// Raises COM1's interrupt through an irqfd.
+/// Raises COM1's interrupt through an irqfd, or, while the line is held, remembers that it
+/// would have (see [`SerialDevice::release_irq`]).
 #[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+pub struct IrqTrigger {
+    line: EventFd,
+    hold: Arc<IrqHold>,
+}
+
+/// Whether COM1's line is held, and whether the UART raised it meanwhile. Both change only
+/// under the UART's lock (the UART raises the line from inside its own methods, or as it is
+/// built), so a release never misses a raise.
+#[derive(Debug, Default)]
+struct IrqHold {
+    held: AtomicBool,
+    pending: AtomicBool,
+}
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        if self.hold.held.load(Ordering::Acquire) {
+            self.hold.pending.store(true, Ordering::Release);
+            return Ok(());
+        }
+        self.line.write(1)
     }
 }
 
@@ -256,6 +273,7 @@ pub struct SerialDevice {
     room: Arc<EventFd>,
     gate: Arc<Gate>,
     started: AtomicBool,
+    irq_hold: Arc<IrqHold>,
 }
 
 #[derive(Debug)]
@@ -444,7 +462,17 @@ impl SerialDevice {
                     .map_err(|e| Error::Io(format!("serial socket client: {e}")))?;
             }
         }
-        let trigger = IrqTrigger(irq);
+        // A restored UART re-raises a pending THR or RDA interrupt as it is built. That
+        // happens inside a restore, before the vCPUs' LAPICs are set, where `KVM_SET_LAPIC`
+        // would overwrite it; the line stays held until `release_irq`.
+        let irq_hold = Arc::new(IrqHold {
+            held: AtomicBool::new(state.is_some()),
+            pending: AtomicBool::new(false),
+        });
+        let trigger = IrqTrigger {
+            line: irq,
+            hold: irq_hold.clone(),
+        };
         let room = Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(format!("serial eventfd: {e}")))?,
         );
@@ -469,7 +497,27 @@ impl SerialDevice {
             room,
             gate: Arc::new(Gate::new("serial input")?),
             started: AtomicBool::new(false),
+            irq_hold,
         })
+    }
+
+    /// Ends the hold a restored UART starts with: raises COM1's line if the UART raised it
+    /// since it was built (a THR or RDA interrupt pending at the update, or one raised
+    /// while held). Call it once every vCPU's LAPIC is set. An interrupt the saved LAPIC
+    /// already carries comes again at most once, which drivers take as spurious; one the
+    /// old VM received after its LAPICs were captured (an irqfd is injected
+    /// asynchronously) is not lost. Does nothing on a UART that was not restored, or twice.
+    pub fn release_irq(&self) -> Result<()> {
+        let uart = lock(&self.uart);
+        if self.irq_hold.held.swap(false, Ordering::AcqRel)
+            && self.irq_hold.pending.swap(false, Ordering::AcqRel)
+        {
+            uart.interrupt_evt()
+                .line
+                .write(1)
+                .map_err(|e| Error::Io(format!("COM1 interrupt: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Rebuilds the device from fds handed over by the previous image (taken from `fds`).
@@ -743,6 +791,7 @@ impl<'a> cpr_snapshot::Persist<'a> for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unix::Access;
 
     #[test]
     fn backends_parse() {
@@ -812,6 +861,48 @@ mod tests {
 
     fn irq() -> EventFd {
         EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    #[test]
+    fn a_restored_uart_holds_its_line_until_released() {
+        let line = irq();
+        let null = || SerialConfig::Null;
+        let fresh =
+            SerialDevice::new(&null(), None, line.try_clone().unwrap(), Access::OWNER).unwrap();
+        // A fresh UART raises at once: the guest enables the transmit-empty interrupt and
+        // writes a byte, and does not read IIR.
+        lock(&fresh.uart).write(1, 0x02).unwrap();
+        lock(&fresh.uart).write(0, b'x').unwrap();
+        assert!(line.read().unwrap() >= 1, "a fresh UART's line is not held");
+        let state = fresh.state();
+        assert_eq!(
+            state.interrupt_identification & 0x03,
+            0x02,
+            "THR empty is pending"
+        );
+        drop(fresh);
+
+        let args = SerialArgs {
+            config: &null(),
+            fds: None,
+            irq: line.try_clone().unwrap(),
+            access: Access::OWNER,
+        };
+        let back = SerialDevice::restore(args, &state).unwrap();
+        assert!(line.read().is_err(), "held: the pending interrupt waits");
+        lock(&back.uart).write(0, b'y').unwrap();
+        assert!(
+            line.read().is_err(),
+            "held: what the guest does meanwhile waits too"
+        );
+        back.release_irq().unwrap();
+        assert_eq!(line.read().unwrap(), 1, "released: raised once");
+        back.release_irq().unwrap();
+        assert!(line.read().is_err(), "a second release raises nothing");
+        // No longer held: the guest reads IIR (acknowledging) and writes, and it is raised.
+        lock(&back.uart).read(2);
+        lock(&back.uart).write(0, b'z').unwrap();
+        assert_eq!(line.read().unwrap(), 1);
     }
 
     /// Reads the receive register as a guest driver would, until `got` holds `want` bytes.

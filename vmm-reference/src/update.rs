@@ -972,12 +972,11 @@ impl Updatable for Vmm {
             GuestClock::Advance => (ClockPolicy::Advance, input.elapsed().ns().unwrap_or(0)),
         };
         // The vCPU threads restore their state while this thread restores the devices. The
-        // virtio devices hold their interrupt lines until every LAPIC is set (`end_restore`
-        // releases them), so that no interrupt lands in a LAPIC that `KVM_SET_LAPIC` then
-        // overwrites. The UART re-raises a pending THR/RDA interrupt as it is restored; on
-        // its edge-triggered line a copy overwritten that way is one the saved irqchip and
-        // LAPIC already carry, and a copy that survives is a spurious interrupt, which
-        // drivers ignore.
+        // devices, the UART among them, hold their interrupt lines until every LAPIC is set
+        // (`end_restore` releases them), so that no interrupt lands in a LAPIC that
+        // `KVM_SET_LAPIC` then overwrites. What the UART re-raises as it is restored (a
+        // pending THR/RDA interrupt) thus reaches the guest even when the old VM received
+        // it only after its LAPICs were captured.
         self.machine
             .as_mut()
             .ok_or("no VM")?
