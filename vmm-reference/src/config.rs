@@ -58,7 +58,8 @@ pub struct UpdateArgs {
     #[arg(long, value_parser = ["restart", "transfer", "reboot"])]
     pub mode: String,
     /// The new binary (restart: one the VMM allows, `--allow-update-binary`; transfer: the
-    /// one started). Default: the running VMM's own (restart), this binary (transfer).
+    /// one started). Default: the first the VMM allows, which is its own binary unless it
+    /// was started with `--allow-update-binary` (restart); this binary (transfer).
     #[arg(long)]
     pub binary: Option<PathBuf>,
     /// The state file, in the VMM's state directory (reboot).
@@ -325,9 +326,9 @@ pub struct RunConfig {
     /// `full` or `no-update-vaddr` (a kernel without VFIO_UPDATE_VADDR).
     #[arg(long, hide = true, value_parser = ["full", "no-update-vaddr"])]
     pub vfio_model: Option<String>,
-    /// A binary `cpr-save` mode restart may exec (repeatable). Default: the binary this VMM
-    /// was started from. Each must be owned by root or this user and writable by nobody
-    /// else, as must its directory.
+    /// A binary `cpr-save` mode restart may exec (repeatable; the first is what a restart
+    /// that names none execs). Default: the binary this VMM was started from. Each must be
+    /// owned by root or this user and writable by nobody else, as must its directory.
     #[arg(long = "allow-update-binary")]
     pub allow_update_binary: Vec<PathBuf>,
     /// The directory `cpr-save` mode reboot and `cpr-load` use for state files; without it,
