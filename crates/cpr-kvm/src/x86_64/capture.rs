@@ -587,6 +587,13 @@ fn set_chip(vm: &VmFd, blob: &Blob, chip_id: u32, what: &'static str) -> Result<
 /// A VMM that captures its vCPUs first (on their threads) and devices may still raise
 /// interrupts meanwhile should pass this state and the vCPUs' through
 /// [`reconcile_ioapic`](crate::reconcile_ioapic) before saving them.
+///
+/// The in-kernel PIT keeps counting while the vCPUs are stopped. A tick it delivers through
+/// the IOAPIC after a vCPU's LAPIC was captured and before this capture is in neither
+/// state (the PIT's moved past it; the LAPIC's was taken before it came), and KVM's count
+/// of ticks waiting to be reinjected is not in `KVM_GET_PIT2` at all. A guest that keeps
+/// time by counting PIT ticks can lose one; a tick through the PIC is in the PIC's IRR,
+/// which this captures.
 pub fn capture_vm(vm: &VmFd, has_pit: bool) -> Result<VmState> {
     Ok(VmState {
         pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
