@@ -173,8 +173,8 @@ pub struct IrqTrigger {
 
 /// Whether COM1's line is held, and whether the UART raised it meanwhile. Both change only
 /// under the UART's lock (the UART raises the line from inside its own methods, or as it is
-/// built), so a release never misses a raise.
-#[derive(Debug, Default)]
+/// built), so a release never misses a raise and relaxed atomics suffice.
+#[derive(Debug)]
 struct IrqHold {
     held: AtomicBool,
     pending: AtomicBool,
@@ -183,8 +183,8 @@ struct IrqHold {
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        if self.hold.held.load(Ordering::Acquire) {
-            self.hold.pending.store(true, Ordering::Release);
+        if self.hold.held.load(Ordering::Relaxed) {
+            self.hold.pending.store(true, Ordering::Relaxed);
             return Ok(());
         }
         self.line.write(1)
@@ -509,8 +509,8 @@ impl SerialDevice {
     /// asynchronously) is not lost. Does nothing on a UART that was not restored, or twice.
     pub fn release_irq(&self) -> Result<()> {
         let uart = lock(&self.uart);
-        if self.irq_hold.held.swap(false, Ordering::AcqRel)
-            && self.irq_hold.pending.swap(false, Ordering::AcqRel)
+        if self.irq_hold.held.swap(false, Ordering::Relaxed)
+            && self.irq_hold.pending.swap(false, Ordering::Relaxed)
         {
             uart.interrupt_evt()
                 .line
