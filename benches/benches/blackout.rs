@@ -9,7 +9,10 @@
 //! size it measures:
 //!
 //! - the **floor** (`cpr-floor`): exec in place, `KVM_CREATE_VM`, irqchip, the memory slots,
-//!   the vCPUs and their state, each time;
+//!   the vCPUs and their state, each time; and where transfers are measured, a transfer's
+//!   floor (`cpr-floor --transfer`): two vCPUs stopped and their state and the VM's read,
+//!   sent to another process that built its VM before the pause, restored and entered.
+//!   A transfer's ratio is to the latter, every other mode's to the former;
 //! - N restarts, N transfers and N reboots: the blackout the VMM reports (last vCPU out to
 //!   first vCPU in), the largest pause the guest itself saw between two loop iterations
 //!   (TSC), and the phases; for a reboot also the new process's start to the guest running;
@@ -318,11 +321,16 @@ impl Bench {
         s
     }
 
-    fn floor(&self, size: u64, pages: Pages) -> BTreeMap<String, u64> {
+    /// The medians of `cpr-floor`'s phases over N runs: a restart's floor, or with
+    /// `transfer` a transfer's.
+    fn floor(&self, size: u64, pages: Pages, transfer: bool) -> BTreeMap<String, u64> {
         let mut all: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for _ in 0..self.updates {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_cpr-floor"));
             cmd.args(["--memory-size", &size.to_string(), "--vcpus", "2"]);
+            if transfer {
+                cmd.arg("--transfer");
+            }
             if pages == Pages::Huge2M {
                 cmd.args(["--huge-pages", "2M"]);
             }
@@ -549,7 +557,11 @@ fn main() {
                 },
                 Pages::Small => None,
             };
-            let floor = bench.floor(size, pages);
+            let floor = bench.floor(size, pages, false);
+            let transfer_floor = modes
+                .split(',')
+                .any(|m| m == "transfer")
+                .then(|| bench.floor(size, pages, true));
             println!(
                 "floor     {:>4} GiB {:>3}  {} ms: exec {} + create-vm {} + irqchip {} + memory-slots {} + vcpus {} + vcpu-state {} (us)",
                 size / GIB,
@@ -562,6 +574,21 @@ fn main() {
                 floor["vcpus"],
                 floor["vcpu-state"]
             );
+            if let Some(f) = &transfer_floor {
+                println!(
+                    "floor     {:>4} GiB {:>3}  transfer {} ms: captured {} encoded {} sent {} received {} decoded {} vm-restored {} first-entry {} (us after the stop)",
+                    size / GIB,
+                    pages.name(),
+                    ms(f["total"]),
+                    f["captured"],
+                    f["encoded"],
+                    f["sent"],
+                    f["received"],
+                    f["decoded"],
+                    f["vm-restored"],
+                    f["first-entry"]
+                );
+            }
             for mode in modes.split(',') {
                 let s = match mode {
                     "restart" => bench.restart(size, pages),
@@ -570,7 +597,12 @@ fn main() {
                     "reboot" => bench.reboot(size, pages, mounts.as_ref().map(|m| m.0.path())),
                     other => panic!("mode {other}"),
                 };
-                bench.report(mode, size, pages, &s, &floor);
+                // A transfer is set against a transfer's floor, the rest against a restart's.
+                let f = match (&transfer_floor, mode) {
+                    (Some(t), "transfer") => t,
+                    _ => &floor,
+                };
+                bench.report(mode, size, pages, &s, f);
             }
         }
     }
