@@ -60,7 +60,7 @@ const CODE: u64 = 0x1000;
 const GUEST_CODE: [u8; 6] = [0xff, 0x06, 0x00, 0x20, 0xeb, 0xfa];
 /// The guest's loop counter, which both vCPUs increment: read to see that the guest runs.
 const COUNTER: u64 = 0x2000;
-/// Nothing here should take a second; this only catches a peer that died.
+/// Every wait here ends within milliseconds; the deadline only catches a peer that died.
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn schema() -> Schema {
