@@ -258,6 +258,68 @@ fn transfer_upgrades_and_rolls_back_between_builds() {
     assert_serial_covers(&dir, &before);
 }
 
+/// The binary a running process executes.
+fn exe_of(pid: u64) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+/// Restart and transfer between this (dynamically linked) build and a static glibc build of
+/// the same source, which `.ci/run` makes and names in `CPR_TEST_STATIC_VMM`: the handover
+/// is the state and the fds, so the libraries must not matter. Skips, saying so, without it.
+#[test]
+fn updates_between_a_static_and_a_dynamic_build() {
+    if !have_kvm() {
+        return;
+    }
+    let Some(static_vmm) = std::env::var_os("CPR_TEST_STATIC_VMM") else {
+        eprintln!(
+            "SKIPPED: CPR_TEST_STATIC_VMM is not set (.ci/run builds the static VMM and sets it)"
+        );
+        return;
+    };
+    let static_vmm = std::fs::canonicalize(static_vmm).unwrap();
+    let dynamic = std::fs::canonicalize(exe()).unwrap();
+    let dir = Dir::new("up-static");
+    let mut a = args(&dir, "memfd", 2);
+    for b in [&dynamic, &static_vmm] {
+        a.extend([
+            "--allow-update-binary".into(),
+            b.to_string_lossy().into_owned(),
+        ]);
+    }
+    let mut vm = start(&dir, &a, "vmm.log");
+    let mut before = wait_progress(&mut vm.qmp, &Status::boot(2), 2).unwrap();
+    for target in [&static_vmm, &dynamic] {
+        let (_, after) = restart_into(&mut vm, target, &before);
+        assert_eq!(&exe_of(after.pid), target);
+        before = after;
+    }
+    for (i, target) in [&static_vmm, &dynamic].into_iter().enumerate() {
+        let sock = dir.p(&format!("x{i}.sock"));
+        let mut new =
+            spawn_transfer_target_with(target, &sock, &[], &[], &dir.p(&format!("new{i}.log")))
+                .unwrap();
+        vm.qmp
+            .execute(
+                "cpr-save",
+                json!({"mode": "transfer", "uri": format!("unix:{}", sock.display())}),
+            )
+            .unwrap();
+        assert_eq!(
+            wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
+            0
+        );
+        std::mem::swap(&mut vm.child, &mut new);
+        let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
+        check_continuity(&before, &after).unwrap();
+        assert_eq!(after.pid, u64::from(vm.child.id()));
+        assert_eq!(&exe_of(after.pid), target);
+        before = after;
+    }
+    quit(vm);
+    assert_serial_covers(&dir, &before);
+}
+
 #[test]
 fn reboot_upgrades_and_rolls_back_with_a_target_version() {
     let Some((dir, base, mut vm, before)) = boot_on_shm("up-reboot", 1, 1) else {
