@@ -68,6 +68,49 @@ fn restart_into(vm: &mut Vm, binary: &Path, before: &Status) -> (Value, Status) 
     (r, after)
 }
 
+/// The test VM's arguments, allowing updates into `binaries`.
+fn args_allowing(dir: &Dir, binaries: &[&Path]) -> Vec<String> {
+    let mut a = args(dir, "memfd", 2);
+    for b in binaries {
+        a.extend([
+            "--allow-update-binary".into(),
+            b.to_string_lossy().into_owned(),
+        ]);
+    }
+    a
+}
+
+/// Transfers to a new process of `target` (socket and log named after `i`), checks the guest
+/// went on there, and leaves `vm` driving the new process. Returns `cpr-save`'s answer.
+fn transfer_into(
+    vm: &mut Vm,
+    dir: &Dir,
+    i: usize,
+    target: &Path,
+    before: &Status,
+) -> (Value, Status) {
+    let sock = dir.p(&format!("x{i}.sock"));
+    let mut new =
+        spawn_transfer_target_with(target, &sock, &[], &[], &dir.p(&format!("new{i}.log")))
+            .unwrap();
+    let r = vm
+        .qmp
+        .execute(
+            "cpr-save",
+            json!({"mode": "transfer", "uri": format!("unix:{}", sock.display())}),
+        )
+        .unwrap();
+    assert_eq!(
+        wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
+        0
+    );
+    std::mem::swap(&mut vm.child, &mut new);
+    let after = wait_progress(&mut vm.qmp, before, 2).unwrap();
+    check_continuity(before, &after).unwrap();
+    assert_eq!(after.pid, u64::from(vm.child.id()));
+    (r, after)
+}
+
 #[test]
 fn restart_upgrades_and_rolls_back_between_builds() {
     if !have_kvm() {
@@ -75,14 +118,7 @@ fn restart_upgrades_and_rolls_back_between_builds() {
     }
     let (old, next) = (exe(), next_binary().to_path_buf());
     let dir = Dir::new("up-restart");
-    let mut a = args(&dir, "memfd", 2);
-    for b in [&old, &next] {
-        a.extend([
-            "--allow-update-binary".into(),
-            b.to_string_lossy().into_owned(),
-        ]);
-    }
-    let mut vm = start(&dir, &a, "vmm.log");
+    let mut vm = start(&dir, &args_allowing(&dir, &[&old, &next]), "vmm.log");
     let before = wait_progress(&mut vm.qmp, &Status::boot(2), 2).unwrap();
     assert_eq!(build_of(&mut vm), "0.2.0");
     assert_eq!(
@@ -231,26 +267,8 @@ fn transfer_upgrades_and_rolls_back_between_builds() {
     .into_iter()
     .enumerate()
     {
-        let sock = dir.p(&format!("x{i}.sock"));
-        let mut new =
-            spawn_transfer_target_with(&target, &sock, &[], &[], &dir.p(&format!("new{i}.log")))
-                .unwrap();
-        let r = vm
-            .qmp
-            .execute(
-                "cpr-save",
-                json!({"mode": "transfer", "uri": format!("unix:{}", sock.display())}),
-            )
-            .unwrap();
+        let (r, after) = transfer_into(&mut vm, &dir, i, &target, &before);
         assert_eq!(r["state-version"], version, "{r}");
-        assert_eq!(
-            wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-            0
-        );
-        std::mem::swap(&mut vm.child, &mut new);
-        let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
-        check_continuity(&before, &after).unwrap();
-        assert_eq!(after.pid, u64::from(vm.child.id()));
         assert_eq!(build_of(&mut vm), build);
         before = after;
     }
@@ -280,14 +298,11 @@ fn updates_between_a_static_and_a_dynamic_build() {
     let static_vmm = std::fs::canonicalize(static_vmm).unwrap();
     let dynamic = std::fs::canonicalize(exe()).unwrap();
     let dir = Dir::new("up-static");
-    let mut a = args(&dir, "memfd", 2);
-    for b in [&dynamic, &static_vmm] {
-        a.extend([
-            "--allow-update-binary".into(),
-            b.to_string_lossy().into_owned(),
-        ]);
-    }
-    let mut vm = start(&dir, &a, "vmm.log");
+    let mut vm = start(
+        &dir,
+        &args_allowing(&dir, &[&dynamic, &static_vmm]),
+        "vmm.log",
+    );
     let mut before = wait_progress(&mut vm.qmp, &Status::boot(2), 2).unwrap();
     for target in [&static_vmm, &dynamic] {
         let (_, after) = restart_into(&mut vm, target, &before);
@@ -295,24 +310,7 @@ fn updates_between_a_static_and_a_dynamic_build() {
         before = after;
     }
     for (i, target) in [&static_vmm, &dynamic].into_iter().enumerate() {
-        let sock = dir.p(&format!("x{i}.sock"));
-        let mut new =
-            spawn_transfer_target_with(target, &sock, &[], &[], &dir.p(&format!("new{i}.log")))
-                .unwrap();
-        vm.qmp
-            .execute(
-                "cpr-save",
-                json!({"mode": "transfer", "uri": format!("unix:{}", sock.display())}),
-            )
-            .unwrap();
-        assert_eq!(
-            wait_exit(&mut vm.child, Duration::from_secs(60)).unwrap(),
-            0
-        );
-        std::mem::swap(&mut vm.child, &mut new);
-        let after = wait_progress(&mut vm.qmp, &before, 2).unwrap();
-        check_continuity(&before, &after).unwrap();
-        assert_eq!(after.pid, u64::from(vm.child.id()));
+        let (_, after) = transfer_into(&mut vm, &dir, i, target, &before);
         assert_eq!(&exe_of(after.pid), target);
         before = after;
     }
